@@ -1,0 +1,390 @@
+"""The SAM engine: encode an image once, decode many prompts against it.
+
+Nothing here knows about HTTP or Label Studio: inputs are images and prompts
+in pixel coordinates of the image as displayed, outputs are masks at the
+image's own resolution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Hashable
+
+import numpy as np
+
+import sam_backend  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
+from sam_backend.cache import DEFAULT_BUDGET_BYTES, LRUCache
+from sam_backend.errors import PromptError
+from sam_backend.images import ImageSource, load_image
+from sam_backend.presets import import_keras_hub, load_segmenter
+from sam_backend.transforms import Frame, postprocess_logits, preprocess
+
+logger = logging.getLogger(__name__)
+
+#: Threshold on mask logits, as in SAM.
+MASK_THRESHOLD = 0.0
+
+
+@dataclass
+class Embedding:
+    """The image encoder's output for one image, with the image's geometry.
+
+    Attributes:
+        features: ``(1, h, w, C)`` torch tensor on the engine's device.
+        frame: where the image sits in the square model input.
+    """
+
+    features: object
+    frame: Frame
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the features in bytes (for cache budgets)."""
+        return self.features.element_size() * self.features.nelement()
+
+
+@dataclass
+class Prediction:
+    """Masks for one prompt, best first by predicted IoU.
+
+    Attributes:
+        scores: ``(K,)`` predicted IoU of each candidate mask.
+        low_res_logits: ``(K, h, w)`` float32 logits at the mask decoder's
+            resolution; ``low_res_logits[0]`` is the ``mask_input`` for a
+            refinement click.
+        frame: the image geometry, to bring masks back to the original size.
+
+    Example:
+        >>> pred = engine.decode(embedding, points=[[120, 80]], labels=[1])  # doctest: +SKIP
+        >>> pred.mask.shape == embedding.frame.original_size  # doctest: +SKIP
+        True
+    """
+
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+    frame: Frame
+    _logits_tensor: object = field(repr=False)
+
+    @property
+    def score(self) -> float:
+        """Predicted IoU of the best mask."""
+        return float(self.scores[0])
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """The best mask, ``(H, W)`` bool at the original image size."""
+        return self.masks_at([0])[0]
+
+    @cached_property
+    def masks(self) -> np.ndarray:
+        """All candidate masks, ``(K, H, W)`` bool, best first."""
+        return self.masks_at(range(len(self.scores)))
+
+    def masks_at(self, indices) -> np.ndarray:
+        """Candidate masks ``indices`` at the original size, ``(len, H, W)`` bool."""
+        import torch
+
+        with torch.inference_mode():
+            logits = postprocess_logits(self._logits_tensor[list(indices)], self.frame)
+            return (logits > MASK_THRESHOLD).cpu().numpy()
+
+
+class SamEngine:
+    """Encode images and decode prompts with a keras-hub ``SAMImageSegmenter``.
+
+    The image encoder (the expensive part) runs once per image: ``encode``
+    returns an :class:`Embedding` that ``decode`` reuses for every prompt, and
+    ``embedding_for`` keeps recent embeddings in a byte-bounded LRU keyed by the
+    image's identity. Pre- and post-processing reproduce Meta's
+    ``SamPredictor``. Sizes (input, embedding, mask) are read from the model,
+    so small presets work as well as ``sam_huge_sa1b``.
+
+    Args:
+        model: a ``keras_hub.models.SAMImageSegmenter``.
+        preset: the name it was loaded from (for logs and model versions).
+        device: torch device to run on (``"cpu"``, ``"cuda"``, ``"cuda:1"``);
+            None lets keras choose (CUDA when present).
+        cache_bytes: budget of the in-memory embedding cache.
+
+    Example:
+        >>> engine = SamEngine.from_preset("sam_base_sa1b")  # doctest: +SKIP
+        >>> emb = engine.encode(load_image("street.jpg"))  # doctest: +SKIP
+        >>> pred = engine.decode(emb, points=[[400, 300]], labels=[1])  # doctest: +SKIP
+        >>> pred.mask.shape, pred.score  # doctest: +SKIP
+        ((720, 1280), 0.97)
+    """
+
+    def __init__(
+        self,
+        model,
+        preset: str = "custom",
+        device: str | None = None,
+        cache_bytes: int | None = None,
+    ):
+        self.model = model
+        self.preset = preset
+        self.device = device or os.environ.get("SAM_DEVICE") or None
+        backbone = model.backbone
+        self._encoder = backbone.image_encoder
+        self._prompt_encoder = backbone.prompt_encoder
+        self._mask_decoder = backbone.mask_decoder
+        self.input_size = int(self._encoder.input.shape[1])
+        self.embedding_size = tuple(int(d) for d in self._encoder.output.shape[1:3])
+        self.mask_input_size = tuple(4 * d for d in self.embedding_size)
+        if cache_bytes is None:
+            mb = os.environ.get("SAM_MEMORY_CACHE_MB")
+            cache_bytes = int(float(mb) * 1024 * 1024) if mb else DEFAULT_BUDGET_BYTES
+        self.embeddings: LRUCache[Embedding] = LRUCache(cache_bytes, lambda e: e.nbytes)
+        self.encoder_calls = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_preset(cls, preset: str, device: str | None = None, **kwargs) -> "SamEngine":
+        """Load ``preset`` (anything keras-hub accepts, or a shipped name) into an engine.
+
+        Raises:
+            PresetLoadError: the preset cannot be loaded; the message says what
+                was tried and how to use a local preset.
+        """
+        started = time.perf_counter()
+        with _device_scope(device or os.environ.get("SAM_DEVICE")):
+            model = load_segmenter(preset)
+        engine = cls(model, preset=preset, device=device, **kwargs)
+        engine.load_seconds = time.perf_counter() - started
+        logger.info(
+            "Loaded %s in %.1fs: input %d px, embedding %s, mask input %s, device %s",
+            preset,
+            engine.load_seconds,
+            engine.input_size,
+            engine.embedding_size,
+            engine.mask_input_size,
+            engine.device_name,
+        )
+        return engine
+
+    @property
+    def device_name(self) -> str:
+        """The torch device inference runs on."""
+        import keras
+
+        with _device_scope(self.device):
+            return str(keras.ops.convert_to_tensor(0.0).device)
+
+    # ---------------------------------------------------------------- encode
+
+    def encode(self, image: ImageSource) -> Embedding:
+        """Run the image encoder (only) on an image.
+
+        Args:
+            image: an ``(H, W, 3)`` uint8 RGB array, or anything
+                :func:`sam_backend.images.load_image` accepts.
+        """
+        rgb = image if _is_rgb_uint8(image) else load_image(image)
+        frame = Frame.for_image(rgb.shape[:2], self.input_size)
+        batch = preprocess(rgb, self.input_size)[None]
+        features = self.encode_batch(batch)
+        return Embedding(features=features, frame=frame)
+
+    def encode_batch(self, batch: np.ndarray):
+        """Image encoder on preprocessed ``(B, S, S, 3)`` inputs; torch features ``(B, h, w, C)``."""
+        import torch
+        from keras import ops
+
+        with torch.inference_mode(), _device_scope(self.device):
+            self.encoder_calls += 1
+            features = self._encoder(ops.convert_to_tensor(batch, dtype="float32"))
+            return features.float()
+
+    def embedding_for(self, key: Hashable, image: ImageSource | Callable[[], ImageSource]) -> Embedding:
+        """The embedding of the image identified by ``key``, encoded at most once.
+
+        ``image`` may be a callable that loads the image, so that a cached
+        image is not even read.
+        """
+
+        def compute() -> Embedding:
+            started = time.perf_counter()
+            embedding = self.encode(image() if callable(image) else image)
+            logger.info("Encoded %s in %.2fs", key, time.perf_counter() - started)
+            return embedding
+
+        return self.embeddings.get_or_compute(key, compute)
+
+    # ---------------------------------------------------------------- decode
+
+    def decode(
+        self,
+        embedding: Embedding,
+        points=None,
+        labels=None,
+        box=None,
+        mask_input=None,
+        multimask: bool | None = None,
+    ) -> Prediction:
+        """Run the prompt encoder and mask decoder (only) on a stored embedding.
+
+        Args:
+            embedding: from :meth:`encode`.
+            points: ``(N, 2)`` x/y pixel coordinates in the original image;
+                points outside the image are clipped to its border.
+            labels: ``(N,)`` 1 for foreground, 0 for background.
+            box: ``(4,)`` ``x0, y0, x1, y1`` in pixels; at most one.
+            mask_input: ``(h, w)`` low-resolution logits of an earlier
+                prediction (``Prediction.low_res_logits[0]``), to refine it.
+            multimask: return SAM's three candidate masks (True) or its single
+                mask (False). None: three for a single point without a box, as
+                SAM recommends for ambiguous prompts, one otherwise.
+
+        Returns:
+            A :class:`Prediction`, candidates sorted best first.
+
+        Raises:
+            PromptError: no prompt, mismatched points and labels, a label other
+                than 0/1, a box of zero width or height, a mask of the wrong size.
+        """
+        frame = embedding.frame
+        points, labels, box = validate_prompt(points, labels, box, frame.original_size)
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input, dtype=np.float32)
+            if mask_input.shape != self.mask_input_size:
+                raise PromptError(
+                    f"mask_input must be {self.mask_input_size} low-resolution logits; got {mask_input.shape}."
+                )
+        if multimask is None:
+            multimask = len(points) == 1 and box is None
+
+        model_points = frame.to_model(points)
+        model_box = None if box is None else frame.to_model(box.reshape(2, 2))
+        logits, iou = self.decode_batch(
+            embedding.features,
+            model_points[None],
+            labels[None],
+            None if model_box is None else model_box[None, None],
+            None if mask_input is None else mask_input[None],
+        )
+        logits, iou = logits[0], iou[0]
+        if multimask:
+            logits, iou = logits[1:], iou[1:]
+        else:
+            logits, iou = logits[:1], iou[:1]
+        order = np.argsort(-iou.cpu().numpy(), kind="stable")
+        logits, iou = logits[order.tolist()], iou[order.tolist()]
+        return Prediction(
+            scores=iou.cpu().numpy(),
+            low_res_logits=logits.cpu().numpy(),
+            frame=frame,
+            _logits_tensor=logits,
+        )
+
+    def decode_batch(self, features, points: np.ndarray, labels: np.ndarray, boxes=None, mask_inputs=None):
+        """Prompt encoder and mask decoder for a batch of prompts on one embedding.
+
+        Args:
+            features: ``(1, h, w, C)`` embedding features.
+            points: ``(B, N, 2)`` in model-frame pixels (N may be 0).
+            labels: ``(B, N)``.
+            boxes: ``(B, 1, 2, 2)`` in model-frame pixels, or None.
+            mask_inputs: ``(B, h, w)`` low-resolution logits, or None.
+
+        Returns:
+            ``(logits (B, M, h, w), iou (B, M))`` torch tensors, all of SAM's
+            ``M`` outputs (single-mask first, then the multimask ones). Without
+            a box, the padding point (0, 0) with label -1 is appended here, as
+            SAM's prompt encoder expects.
+        """
+        import torch
+        from keras import ops
+
+        batch = points.shape[0]
+        points = np.asarray(points, dtype=np.float32)
+        labels = np.asarray(labels, dtype=np.float32)
+        if boxes is None:
+            points = np.concatenate([points, np.zeros((batch, 1, 2), np.float32)], axis=1)
+            labels = np.concatenate([labels, -np.ones((batch, 1), np.float32)], axis=1)
+            boxes = np.zeros((batch, 0, 2, 2), np.float32)
+        if mask_inputs is None:
+            masks = np.zeros((batch, 0, *self.mask_input_size, 1), np.float32)
+        else:
+            masks = np.asarray(mask_inputs, np.float32)[:, None, :, :, None]
+        with torch.inference_mode(), _device_scope(self.device):
+            tensor = lambda a: ops.convert_to_tensor(a, dtype="float32")  # noqa: E731
+            prompts = self._prompt_encoder(
+                points=tensor(points), labels=tensor(labels), boxes=tensor(boxes), masks=tensor(masks)
+            )
+            out = self._mask_decoder(image_embeddings=features, **prompts)
+            return out["masks"].float(), out["iou_pred"].float()
+
+    # --------------------------------------------------------------- predict
+
+    def predict(
+        self,
+        image: ImageSource | Callable[[], ImageSource],
+        key: Hashable | None = None,
+        **prompt,
+    ) -> Prediction:
+        """``decode(embedding_for(key, image), **prompt)``: the whole path for one click.
+
+        Without ``key`` the image is encoded every time.
+        """
+        if key is None:
+            embedding = self.encode(image() if callable(image) else image)
+        else:
+            embedding = self.embedding_for(key, image)
+        return self.decode(embedding, **prompt)
+
+
+def validate_prompt(points, labels, box, size: tuple[int, int]):
+    """Check and normalise a prompt for an image of ``size`` ``(height, width)``.
+
+    Returns ``(points (N, 2) float32, labels (N,) float32, box (4,) float32 or None)``
+    with points clipped to the image and the box's corners ordered and clipped.
+
+    Raises:
+        PromptError: with a message that says what is wrong.
+    """
+    height, width = size
+    points = np.zeros((0, 2), np.float32) if points is None else np.asarray(points, np.float32)
+    labels = np.zeros((0,), np.float32) if labels is None else np.asarray(labels, np.float32)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise PromptError(f"points must be a list of [x, y] pairs; got shape {points.shape}.")
+    if labels.shape != (len(points),):
+        raise PromptError(f"Got {len(points)} points but {labels.size} labels; give one label per point.")
+    if not np.all(np.isin(labels, (0.0, 1.0))):
+        raise PromptError("Point labels must be 1 (foreground) or 0 (background).")
+    if not np.all(np.isfinite(points)):
+        raise PromptError("Point coordinates must be finite numbers.")
+    points = np.clip(points, 0.0, [float(width), float(height)]).astype(np.float32)
+    if box is not None:
+        box = np.asarray(box, np.float32).reshape(-1)
+        if box.shape != (4,) or not np.all(np.isfinite(box)):
+            raise PromptError("A box must be four finite numbers: x0, y0, x1, y1.")
+        x0, x1 = sorted(np.clip(box[[0, 2]], 0.0, width))
+        y0, y1 = sorted(np.clip(box[[1, 3]], 0.0, height))
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            raise PromptError(
+                f"The box has zero width or height inside the {width}x{height} image "
+                f"({x1 - x0:g} x {y1 - y0:g} px); draw a rectangle around the object."
+            )
+        box = np.array([x0, y0, x1, y1], np.float32)
+    if len(points) == 0 and box is None:
+        raise PromptError("No prompt: give at least one point or a box.")
+    return points, labels, box
+
+
+def _is_rgb_uint8(image) -> bool:
+    return isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+
+def _device_scope(device: str | None):
+    if not device:
+        return contextlib.nullcontext()
+    import_keras_hub()  # keras is imported with the right backend and quietly
+    import keras
+
+    return keras.device(device)

@@ -1,0 +1,103 @@
+"""Naming and loading keras-hub SAM presets."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from sam_backend.errors import PresetLoadError
+
+logger = logging.getLogger(__name__)
+
+#: Presets shipped inside the package, addressable by their directory name.
+SHIPPED_PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_PRESET = "sam_base_sa1b"
+BUILTIN_SAM_PRESETS = ("sam_base_sa1b", "sam_large_sa1b", "sam_huge_sa1b")
+
+
+def default_preset() -> str:
+    """``SAM_PRESET`` from the environment, else ``sam_base_sa1b``."""
+    return os.environ.get("SAM_PRESET") or DEFAULT_PRESET
+
+
+def resolve_preset(preset: str) -> str:
+    """What to hand to ``from_preset``: a shipped preset's directory, or ``preset`` itself."""
+    shipped = SHIPPED_PRESETS_DIR / preset
+    if "/" not in preset and (shipped / "config.json").is_file():
+        return str(shipped)
+    return os.path.expanduser(preset)
+
+
+def describe_source(preset: str) -> str:
+    """Where keras-hub will look for ``preset``, in words for an error message."""
+    resolved = resolve_preset(preset)
+    if resolved.startswith(("kaggle://", "hf://", "modelscope://", "gs://", "s3://")):
+        return f"the remote handle {resolved}"
+    if preset in BUILTIN_SAM_PRESETS:
+        return f"the built-in preset {preset!r}, downloaded from Kaggle on first use"
+    if os.path.isdir(resolved):
+        return f"the local directory {resolved}"
+    if os.sep in resolved or resolved.startswith("."):
+        return f"the local directory {resolved} (which does not exist)"
+    return f"{preset!r}, which is neither a built-in SAM preset nor an existing directory"
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence C++ log lines written straight to file descriptor 2.
+
+    TensorFlow (imported by keras-hub through tensorflow-text) prints absl
+    messages before ``TF_CPP_MIN_LOG_LEVEL`` takes effect; Python exceptions
+    are unaffected.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def import_keras_hub():
+    """Import keras-hub (and with it TensorFlow) without its start-up noise."""
+    with quiet_native_stderr():
+        import keras_hub  # noqa: PLC0415
+    return keras_hub
+
+
+def load_segmenter(preset: str):
+    """Load a ``keras_hub.models.SAMImageSegmenter`` from ``preset``.
+
+    Args:
+        preset: a built-in name (``sam_base_sa1b``...), ``kaggle://``,
+            ``hf://``, a local preset directory, or the name of a preset shipped
+            with this package (``demo``).
+
+    Raises:
+        PresetLoadError: one message that says what was tried and how to
+            point at a local preset instead.
+    """
+    keras_hub = import_keras_hub()
+    resolved = resolve_preset(preset)
+    logger.info("Loading SAM preset %s from %s", preset, describe_source(preset))
+    try:
+        model = keras_hub.models.SAMImageSegmenter.from_preset(resolved)
+    except Exception as exc:  # keras-hub raises many kinds; all mean "cannot load"
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PresetLoadError(
+            f"Could not load the SAM preset {preset!r} from {describe_source(preset)}: "
+            f"{type(exc).__name__}: {cause}. Without network access, point --preset "
+            "(or SAM_PRESET) at a local preset directory made with save_to_preset, "
+            "or use the shipped offline preset: --preset demo."
+        ) from exc
+    if not isinstance(model, keras_hub.models.SAMImageSegmenter):
+        raise PresetLoadError(f"The preset {preset!r} did not load as a SAMImageSegmenter.")
+    return model
