@@ -28,7 +28,7 @@ def max_pixels_from_env() -> int:
     return int(value) if value else DEFAULT_MAX_PIXELS
 
 
-def load_image(source: ImageSource, max_pixels: int | None = None) -> np.ndarray:
+def load_image(source: ImageSource, max_pixels: int | None = None, name: str | None = None) -> np.ndarray:
     """Load an image as an ``(H, W, 3)`` uint8 RGB array, as a browser shows it.
 
     EXIF orientation is applied (Label Studio's coordinates are those of the
@@ -40,6 +40,7 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> np.ndarray
             (``(H, W)`` or ``(H, W, 3|4)``).
         max_pixels: refuse images with more pixels than this (decompression
             bombs); defaults to ``SAM_MAX_IMAGE_PIXELS`` or 178,956,970.
+        name: how error messages call the image (default: its path).
 
     Raises:
         ImageError: not an image, truncated or corrupt.
@@ -54,21 +55,23 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> np.ndarray
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, limit)
     if isinstance(source, Image.Image):
-        image, name = source, "image"
+        image, name = source, name or "image"
     else:
-        name = "image bytes" if isinstance(source, bytes) else str(source)
+        name = name or ("image bytes" if isinstance(source, bytes) else str(source))
         try:
             fp = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
             image = Image.open(fp)
         except FileNotFoundError:
             raise ImageError(f"Image file not found: {name}.") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except UnidentifiedImageError:
             raise ImageError(
-                f"{name} is not an image Pillow can read ({exc}). "
-                "Use a JPEG, PNG, WebP, TIFF, BMP or GIF file."
+                f"{name} is not an image Pillow can read. Use a JPEG, PNG, WebP, TIFF, BMP or GIF file."
             ) from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{name} is truncated or corrupt ({exc}).") from None
     _check_size(image.width, image.height, limit, name)
     try:
+        image.load()
         image = ImageOps.exif_transpose(image)
         return np.asarray(_to_rgb(image))
     except (OSError, SyntaxError, ValueError) as exc:

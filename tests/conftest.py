@@ -80,3 +80,14 @@ def rng():
 
 def random_image(rng, height: int, width: int) -> np.ndarray:
     return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture()
+def media(tmp_path):
+    from media_server import MediaServer
+
+    root = tmp_path / "media"
+    root.mkdir()
+    server = MediaServer(root)
+    yield server
+    server.close()

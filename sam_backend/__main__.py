@@ -1,0 +1,7 @@
+"""``python -m sam_backend`` is the ``sam-backend`` command."""
+
+import sys
+
+from sam_backend.cli import main
+
+sys.exit(main())

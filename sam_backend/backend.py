@@ -1,0 +1,284 @@
+"""The SAM backend: Label Studio tasks and contexts in, predictions out.
+
+It sits between the protocol layer (which knows HTTP, not tensors) and the
+engine (which knows tensors, not Label Studio). The model loads in a
+background thread so that the server answers health checks at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from sam_backend import __version__
+from sam_backend.errors import BadRequestError, ModelNotReadyError, SamBackendError
+from sam_backend.images import load_image
+from sam_backend.labelconfig import LabelConfig, parse_label_config
+from sam_backend.media import Credentials, MediaFetcher
+from sam_backend.presets import default_preset
+from sam_backend.regions import (
+    brush_label_for,
+    fit_mask,
+    mask_to_brush_region,
+    prompt_from_context,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ModelHolder:
+    """Loads a :class:`~sam_backend.engine.SamEngine` once, in the background.
+
+    ``state`` is ``"loading"``, ``"ready"`` or ``"failed"``; :meth:`engine`
+    raises :class:`ModelNotReadyError` until the model is ready, with the load
+    error once it failed (no crash loop: the worker stays up to say why).
+
+    Args:
+        preset: what to load.
+        loader: ``preset -> engine``; defaults to ``SamEngine.from_preset``.
+    """
+
+    def __init__(self, preset: str, loader=None):
+        self.preset = preset
+        self._loader = loader
+        self.state = "loading"
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self._engine = None
+        self._ready = threading.Event()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def start(self) -> "ModelHolder":
+        """Start loading in a daemon thread (once)."""
+        with self._lock:
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._load, name="sam-model-loader", daemon=True).start()
+        return self
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            if self._loader is None:
+                from sam_backend.engine import SamEngine
+
+                engine = SamEngine.from_preset(self.preset)
+            else:
+                engine = self._loader(self.preset)
+        except Exception as exc:  # reported through /health and /predict
+            self.error = str(exc) if isinstance(exc, SamBackendError) else f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+            logger.error("Model %s failed to load: %s", self.preset, self.error)
+        else:
+            self._engine = engine
+            self.load_seconds = time.perf_counter() - started
+            self.state = "ready"
+        finally:
+            self._ready.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until loading ends (ready or failed); False on timeout."""
+        return self._ready.wait(timeout)
+
+    def engine(self):
+        """The loaded engine.
+
+        Raises:
+            ModelNotReadyError: still loading, or failed to load.
+        """
+        if self.state == "ready":
+            return self._engine
+        if self.state == "failed":
+            raise ModelNotReadyError(f"The model {self.preset!r} failed to load: {self.error}")
+        raise ModelNotReadyError(f"The model {self.preset!r} is still loading; try again in a few seconds.")
+
+
+@dataclass
+class ProjectSetup:
+    """What Label Studio sent to ``/setup`` for one project."""
+
+    hostname: str | None = None
+    access_token: str | None = None
+    extra_params: dict = field(default_factory=dict)
+    label_config: str | None = None
+
+
+class SamBackend:
+    """Answers Label Studio's ``/setup`` and ``/predict`` with SAM masks.
+
+    Args:
+        preset: the keras-hub preset (default ``SAM_PRESET`` or ``sam_base_sa1b``).
+        holder: a :class:`ModelHolder` (made from ``preset`` if omitted).
+        fetcher: a :class:`MediaFetcher`.
+        credentials: Label Studio URL and token; default from the environment.
+
+    Example:
+        >>> backend = SamBackend(preset="demo")  # doctest: +SKIP
+        >>> backend.holder.start().wait()  # doctest: +SKIP
+        >>> backend.predict(tasks, label_config, context)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        holder: ModelHolder | None = None,
+        fetcher: MediaFetcher | None = None,
+        credentials: Credentials | None = None,
+    ):
+        self.preset = preset or (holder.preset if holder else default_preset())
+        self.holder = holder or ModelHolder(self.preset)
+        self.fetcher = fetcher or MediaFetcher()
+        self.credentials = credentials if credentials is not None else Credentials.from_env()
+        self.projects: dict[str, ProjectSetup] = {}
+        self._warmup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-warmup")
+
+    @property
+    def model_version(self) -> str:
+        """The preset's name and the backend's version, e.g. ``sam_base_sa1b@sam-backend-0.1.0``."""
+        name = os.path.basename(os.path.normpath(self.preset)) or self.preset
+        return f"{name}@sam-backend-{__version__}"
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, body: dict) -> dict:
+        """Remember what Label Studio says about a project; never loads the model."""
+        project = _project_id(body.get("project"))
+        extra = body.get("extra_params")
+        if isinstance(extra, str):
+            import json
+
+            try:
+                extra = json.loads(extra) if extra.strip() else {}
+            except ValueError:
+                raise BadRequestError("extra_params must be a JSON object.") from None
+        self.projects[project] = ProjectSetup(
+            hostname=body.get("hostname") or None,
+            access_token=body.get("access_token") or None,
+            extra_params=extra if isinstance(extra, dict) else {},
+            label_config=body.get("schema") or None,
+        )
+        if body.get("schema"):
+            parse_label_config(body["schema"])  # a bad config is reported at connect time
+        return {"model_version": self.model_version}
+
+    def credentials_for(self, project) -> Credentials:
+        """Environment credentials, else those ``/setup`` remembered for ``project``."""
+        setup = self.projects.get(_project_id(project)) or ProjectSetup()
+        return Credentials(
+            hostname=self.credentials.hostname or setup.hostname,
+            token=self.credentials.token or setup.access_token,
+        )
+
+    # ---------------------------------------------------------------- predict
+
+    def predict(self, tasks: list, label_config: str | None, context: dict | None, project=None) -> list[dict]:
+        """One prediction per task, in order.
+
+        With a context (an annotator's smart regions) each task gets the mask
+        for those prompts. Without one, each task gets an empty result, and the
+        image starts encoding in the background so the first click is fast.
+
+        Raises:
+            BadRequestError, LabelConfigError, ImageError, MediaFetchError,
+            PromptError, ModelNotReadyError: with a message for the annotator.
+        """
+        if not isinstance(tasks, list) or not tasks:
+            raise BadRequestError('The request needs a non-empty "tasks" list.')
+        if not label_config:
+            setup = self.projects.get(_project_id(project))
+            label_config = setup.label_config if setup else None
+        config = parse_label_config(label_config or "")
+        if context is not None and not isinstance(context, dict):
+            raise BadRequestError('params.context must be an object with a "result" list of regions.')
+        if not context or not context.get("result"):
+            for task in tasks:
+                self._start_warmup(task, config, project)
+            return [self._prediction([], None) for _ in tasks]
+        engine = self.holder.engine()
+        return [self._predict_task(engine, task, config, context, project) for task in tasks]
+
+    def _predict_task(self, engine, task: dict, config: LabelConfig, context: dict, project) -> dict:
+        url, task_id = _image_url(task, config)
+        path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project or task.get("project")))
+        embedding = engine.embedding_for(_image_key(url, path), _image_loader(path, url, task_id))
+        height, width = embedding.frame.original_size
+        prompt = prompt_from_context(context, config, (height, width))
+        if not prompt:
+            logger.info("Task %s: the context has no smart keypoint or rectangle for %r", task_id, config.image_name)
+            return self._prediction([], None)
+        prediction = engine.decode(embedding, points=prompt.points or None, labels=prompt.labels or None, box=prompt.box)
+        mask = fit_mask(prediction.mask, prompt.original_width, prompt.original_height)
+        label = brush_label_for(prompt.label, config)
+        region = mask_to_brush_region(mask, label, prediction.score, config, prompt.image_rotation)
+        logger.info(
+            "Task %s: %d point(s), box=%s -> %s mask, %.1f%% of the image, IoU %.3f",
+            task_id, len(prompt.points), prompt.box is not None, label, 100 * mask.mean(), prediction.score,
+        )
+        return self._prediction([region], prediction.score)
+
+    def _prediction(self, result: list, score: float | None) -> dict:
+        prediction = {"result": result, "model_version": self.model_version}
+        if score is not None:
+            prediction["score"] = score
+        return prediction
+
+    def _start_warmup(self, task, config: LabelConfig, project) -> None:
+        """Encode the task's image in the background (best effort) so the first click is fast."""
+        if self.holder.state != "ready" or not isinstance(task, dict):
+            return
+        try:
+            url, task_id = _image_url(task, config)
+        except BadRequestError:
+            return
+
+        def warm():
+            try:
+                path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project or task.get("project")))
+                self.holder.engine().embedding_for(_image_key(url, path), _image_loader(path, url, task_id))
+            except SamBackendError as exc:
+                logger.info("Warm-up of task %s skipped: %s", task_id, exc)
+            except Exception:
+                logger.exception("Warm-up of task %s failed", task_id)
+
+        self._warmup.submit(warm)
+
+
+def _project_id(project) -> str:
+    """Label Studio sends ``"<id>.<created_at>"``; the id is what identifies a project."""
+    return str(project).split(".")[0] if project is not None else ""
+
+
+def _image_url(task, config: LabelConfig) -> tuple[str, object]:
+    if not isinstance(task, dict):
+        raise BadRequestError("Each task must be an object with a data field.")
+    task_id = task.get("id")
+    data = task.get("data")
+    if not isinstance(data, dict) or not data.get(config.image_key):
+        raise BadRequestError(
+            f'Task {task_id} has no "{config.image_key}" in its data, which the label config\'s '
+            f'<Image name="{config.image_name}" value="${config.image_key}"> reads. Import tasks with '
+            f'{{"data": {{"{config.image_key}": "<image URL>"}}}}.'
+        )
+    url = data[config.image_key]
+    if not isinstance(url, str):
+        raise BadRequestError(f'Task {task_id}: data.{config.image_key} must be a URL string.')
+    return url, task_id
+
+
+def _image_loader(path: str, url: str, task_id):
+    """Load the image only if the cache misses; errors name the task and URL, not our temp file."""
+    return lambda: load_image(path, name=f"The image of task {task_id} ({url})")
+
+
+def _image_key(url: str, path: str) -> str:
+    """The image's identity: its URL, plus size and mtime so a replaced file is re-encoded."""
+    try:
+        stat = os.stat(path)
+        return f"{url}|{stat.st_size}|{int(stat.st_mtime_ns)}"
+    except OSError:
+        return url

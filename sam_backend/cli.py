@@ -1,0 +1,86 @@
+"""The ``sam-backend`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from sam_backend import __version__
+from sam_backend.logs import configure_logging
+from sam_backend.presets import default_preset
+
+logger = logging.getLogger(__name__)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam-backend", description="Segment Anything as a Label Studio ML backend.")
+    parser.add_argument("--version", action="version", version=f"sam-backend {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the ML backend with gunicorn")
+    serve.add_argument("--preset", default=None, help="keras-hub SAM preset: sam_base_sa1b, kaggle://..., hf://..., "
+                       "a local directory, or demo (default: SAM_PRESET, else sam_base_sa1b)")
+    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="address to bind (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=_env_int("PORT", 9090), help="port (default 9090)")
+    serve.add_argument("--workers", type=int, default=_env_int("WORKERS", 1),
+                       help="gunicorn worker processes; each holds a model (default WORKERS or 1)")
+    serve.add_argument("--threads", type=int, default=_env_int("THREADS", 8),
+                       help="threads per worker, so /health answers while a mask is computed (default THREADS or 8)")
+    serve.add_argument("--timeout", type=int, default=_env_int("SAM_WORKER_TIMEOUT", 300),
+                       help="seconds before gunicorn restarts a silent worker (default 300)")
+    serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING...")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Run gunicorn on the Flask app; the model loads in each worker, in the background."""
+    from gunicorn.app.base import BaseApplication
+
+    if args.preset:
+        os.environ["SAM_PRESET"] = args.preset  # read by each worker's app factory
+    os.environ["LOG_LEVEL"] = args.log_level
+    options = {
+        "bind": f"{args.host}:{args.port}",
+        "workers": args.workers,
+        "threads": args.threads,
+        "worker_class": "gthread",
+        "timeout": args.timeout,
+        "loglevel": args.log_level.lower(),
+        "accesslog": "-",
+        "errorlog": "-",
+    }
+
+    class Server(BaseApplication):
+        def load_config(self):
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            from sam_backend.server import create_app
+
+            configure_logging(args.log_level)
+            return create_app()
+
+    logger.info("Serving %s on http://%s:%d with %d worker(s) x %d thread(s)",
+                default_preset(), args.host, args.port, args.workers, args.threads)
+    Server().run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sam-backend`` script."""
+    args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "log_level", None))
+    if args.command == "serve":
+        serve(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

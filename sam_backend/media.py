@@ -1,0 +1,171 @@
+"""Fetching task media through label-studio-sdk, with credentials and timeouts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import requests
+
+from sam_backend.errors import MediaFetchError, MediaTimeoutError
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to wait for media; ``SAM_MEDIA_TIMEOUT`` overrides it.
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where Label Studio is and how to authenticate to it."""
+
+    hostname: str | None = None
+    token: str | None = None
+
+    @classmethod
+    def from_env(cls) -> "Credentials":
+        """``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (label-studio-ml's names)."""
+        return cls(
+            hostname=(os.environ.get("LABEL_STUDIO_URL") or os.environ.get("LABEL_STUDIO_HOST") or None),
+            token=(os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN") or None),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.hostname and self.token)
+
+
+class _TimeoutSession(requests.Session):
+    """label-studio-sdk downloads without a timeout; this session adds one."""
+
+    def __init__(self, timeout: float):
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, *args, **kwargs):
+        kwargs.setdefault("timeout", self.timeout)
+        return super().request(*args, **kwargs)
+
+
+class MediaFetcher:
+    """Resolve a task's image URL to a local file with ``get_local_path``.
+
+    Handles Label Studio uploads, local-files storage, cloud storage URIs
+    (through Label Studio's presign endpoint) and plain http(s) URLs.
+    Personal access tokens (JWT refresh tokens) are exchanged for short-lived
+    access tokens, which is what Label Studio accepts as ``Bearer``.
+
+    Args:
+        cache_dir: where downloads are kept (default: ``MODEL_DIR/media`` or a temp dir).
+        timeout: seconds per HTTP request.
+
+    Example:
+        >>> fetcher = MediaFetcher()
+        >>> path = fetcher.fetch("/data/upload/1/cat.jpg", task_id=7,
+        ...     credentials=Credentials("http://localhost:8080", "<token>"))  # doctest: +SKIP
+    """
+
+    def __init__(self, cache_dir: str | None = None, timeout: float | None = None):
+        base = cache_dir or os.path.join(os.environ.get("MODEL_DIR") or tempfile.gettempdir(), "sam-backend-media")
+        self.cache_dir = base
+        os.makedirs(self.cache_dir, exist_ok=True)
+        self.timeout = timeout or float(os.environ.get("SAM_MEDIA_TIMEOUT") or DEFAULT_TIMEOUT)
+        self._access_tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def fetch(self, url: str, task_id: int | None = None, credentials: Credentials | None = None) -> str:
+        """A local path for ``url``.
+
+        Raises:
+            MediaTimeoutError: Label Studio or the media host did not answer in time.
+            MediaFetchError: unreachable, refused, 404, or no credentials for a
+                Label Studio URL.
+        """
+        from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path, http_session
+
+        if not isinstance(url, str) or not url:
+            raise MediaFetchError(f"Task {task_id}: the image URL is empty.")
+        credentials = credentials or Credentials()
+        session = _TimeoutSession(self.timeout)
+        try:
+            token = self._bearer_token(credentials)
+            with http_session(session):
+                return get_local_path(
+                    url,
+                    cache_dir=self.cache_dir,
+                    hostname=credentials.hostname,
+                    access_token=token,
+                    task_id=task_id,
+                )
+        except requests.exceptions.Timeout:
+            raise MediaTimeoutError(
+                f"Task {task_id}: fetching {url} took longer than {self.timeout:g}s (SAM_MEDIA_TIMEOUT)."
+            ) from None
+        except requests.exceptions.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else "?"
+            hint = {
+                401: " Check LABEL_STUDIO_API_KEY: Label Studio 1.23 refuses legacy tokens by default; "
+                "use a personal access token.",
+                403: " The token may not have access to this project.",
+                404: " The file is gone from Label Studio or its storage.",
+            }.get(status, "")
+            raise MediaFetchError(f"Task {task_id}: fetching {url} answered HTTP {status}.{hint}") from None
+        except requests.exceptions.RequestException as exc:
+            raise MediaFetchError(f"Task {task_id}: cannot reach the host of {url} ({type(exc).__name__}).") from None
+        except FileNotFoundError as exc:
+            raise MediaFetchError(
+                f"Task {task_id}: cannot fetch {url}: {exc} Set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
+                "(a personal access token) so the backend can download task media."
+            ) from None
+        except ValueError as exc:
+            raise MediaFetchError(f"Task {task_id}: cannot fetch {url}: {exc}") from None
+        finally:
+            session.close()
+
+    def _bearer_token(self, credentials: Credentials) -> str | None:
+        """The token to send: a fresh access token for a personal access token, else as given."""
+        token, hostname = credentials.token, credentials.hostname
+        claims = _jwt_claims(token) if token else None
+        if not claims or claims.get("token_type") != "refresh" or not hostname:
+            return token
+        key = (hostname, token)
+        with self._lock:
+            cached = self._access_tokens.get(key)
+            if cached and cached[1] > time.time() + 30:
+                return cached[0]
+        try:
+            response = requests.post(
+                hostname.rstrip("/") + "/api/token/refresh/", json={"refresh": token}, timeout=self.timeout
+            )
+        except requests.exceptions.Timeout:
+            raise MediaTimeoutError(f"Label Studio at {hostname} did not answer the token refresh in time.") from None
+        except requests.exceptions.RequestException as exc:
+            raise MediaFetchError(f"Cannot reach Label Studio at {hostname} ({type(exc).__name__}).") from None
+        if response.status_code != 200:
+            raise MediaFetchError(
+                f"Label Studio at {hostname} refused the personal access token (HTTP {response.status_code}); "
+                "create a new one in Account & Settings and set LABEL_STUDIO_API_KEY."
+            )
+        access = response.json().get("access")
+        expires = (_jwt_claims(access) or {}).get("exp", time.time() + 60)
+        with self._lock:
+            self._access_tokens[key] = (access, float(expires))
+        return access
+
+
+def _jwt_claims(token: str) -> dict | None:
+    """The unverified payload of a JWT, or None if ``token`` is not one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return claims if isinstance(claims, dict) else None

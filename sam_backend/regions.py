@@ -1,0 +1,212 @@
+"""Translation between Label Studio regions and SAM prompts, as pure functions.
+
+Label Studio gives coordinates in percent of the displayed image; SAM wants
+pixels. Masks go back as brush regions encoded with label-studio-sdk's RLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sam_backend.errors import BadRequestError, PromptError
+from sam_backend.labelconfig import LabelConfig
+
+logger = logging.getLogger(__name__)
+
+KEYPOINT_TYPES = ("keypointlabels", "keypoint")
+RECTANGLE_TYPES = ("rectanglelabels", "rectangle")
+
+
+@dataclass
+class Prompt:
+    """A SAM prompt read from Label Studio regions, in pixels of the displayed image.
+
+    Attributes:
+        points: ``[[x, y], ...]``.
+        labels: 1 (positive) or 0 (negative) per point.
+        box: ``[x0, y0, x1, y1]`` or None.
+        label: the label of the smart region the annotator drew (the last one), if any.
+        original_width, original_height, image_rotation: as Label Studio sent them.
+    """
+
+    points: list[list[float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    box: list[float] | None = None
+    label: str | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    image_rotation: float = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.points) or self.box is not None
+
+
+def prompt_from_context(context: dict | None, config: LabelConfig, image_size: tuple[int, int]) -> Prompt:
+    """Read ``params.context.result`` into one SAM prompt.
+
+    Keypoints (``is_positive`` true/false -> 1/0, missing -> positive) become
+    points; rectangles become the box (the last one wins; a rotated one gives
+    its axis-aligned bounding box). Regions of other controls or of other
+    images are ignored.
+
+    Args:
+        context: Label Studio's ``params.context`` (``{"result": [...]}``).
+        config: the parsed label config.
+        image_size: ``(height, width)`` of the loaded image: percentages are
+            converted to its pixels.
+
+    Raises:
+        BadRequestError: the context or a region is malformed.
+        PromptError: a rectangle has zero width or height.
+
+    Example:
+        >>> from sam_backend.labelconfig import LabelConfig
+        >>> cfg = LabelConfig("image", "image", "brush", ("Cat",), ("kp",), ())
+        >>> ctx = {"result": [{"from_name": "kp", "to_name": "image", "type": "keypointlabels",
+        ...        "original_width": 200, "original_height": 100, "is_positive": True,
+        ...        "value": {"x": 50, "y": 25, "keypointlabels": ["Cat"]}}]}
+        >>> p = prompt_from_context(ctx, cfg, (100, 200))
+        >>> p.points, p.labels, p.label
+        ([[100.0, 25.0]], [1], 'Cat')
+    """
+    prompt = Prompt()
+    if not context:
+        return prompt
+    if not isinstance(context, dict) or not isinstance(context.get("result", []), list):
+        raise BadRequestError('params.context must be an object with a "result" list of regions.')
+    for region in context.get("result") or []:
+        if not isinstance(region, dict):
+            raise BadRequestError("Each region in params.context.result must be an object.")
+        if region.get("to_name", config.image_name) != config.image_name:
+            continue
+        kind = str(region.get("type", "")).lower()
+        name = region.get("from_name")
+        is_keypoint = kind in KEYPOINT_TYPES and (name in config.keypoint_names or not config.keypoint_names and name is None)
+        is_rectangle = kind in RECTANGLE_TYPES and (name in config.rectangle_names or not config.rectangle_names and name is None)
+        if not (is_keypoint or is_rectangle):
+            continue
+        prompt.original_width, prompt.original_height = _region_size(region, image_size)
+        # Percentages are relative, so they map onto the image as loaded even
+        # if Label Studio measured it at another size.
+        height, width = image_size
+        prompt.image_rotation = region.get("image_rotation", 0) or 0
+        value = region.get("value")
+        if not isinstance(value, dict):
+            raise BadRequestError(f"Region {region.get('id', '?')} has no value object.")
+        if is_keypoint:
+            x, y = _number(value, "x", region), _number(value, "y", region)
+            prompt.points.append([x * width / 100.0, y * height / 100.0])
+            prompt.labels.append(0 if region.get("is_positive") is False else 1)
+        else:
+            prompt.box = rectangle_to_box(value, width, height, region)
+        prompt.label = _region_label(value) or prompt.label
+    return prompt
+
+
+def rectangle_to_box(value: dict, width: float, height: float, region: dict | None = None) -> list[float]:
+    """A Label Studio rectangle value (percent, rotation in degrees) -> ``[x0, y0, x1, y1]`` pixels.
+
+    Label Studio rotates a rectangle clockwise about its top-left corner; the
+    box returned is the axis-aligned bounding box of the rotated rectangle.
+
+    Raises:
+        PromptError: zero width or height.
+    """
+    region = region or {}
+    x = _number(value, "x", region) * width / 100.0
+    y = _number(value, "y", region) * height / 100.0
+    w = _number(value, "width", region) * width / 100.0
+    h = _number(value, "height", region) * height / 100.0
+    if w <= 0 or h <= 0:
+        raise PromptError(
+            f"The rectangle {region.get('id', '')} has zero width or height ({w:g} x {h:g} px); "
+            "drag a rectangle around the object."
+        )
+    angle = math.radians(float(value.get("rotation") or 0))
+    cos, sin = math.cos(angle), math.sin(angle)
+    corners = [(x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
+def brush_label_for(label: str | None, config: LabelConfig) -> str:
+    """The brush label for a mask: the clicked region's label when the brush has it, else the first."""
+    if label in config.brush_labels:
+        return label
+    fallback = config.brush_labels[0]
+    if label is not None:
+        logger.info(
+            "The brush control %r has no label %r; the mask gets %r instead.", config.brush_name, label, fallback
+        )
+    return fallback
+
+
+def mask_to_brush_region(
+    mask: np.ndarray,
+    label: str,
+    score: float,
+    config: LabelConfig,
+    image_rotation: float = 0,
+) -> dict:
+    """A boolean ``(H, W)`` mask as a Label Studio brush region (RLE via label-studio-sdk)."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    height, width = mask.shape
+    return {
+        "id": uuid.uuid4().hex[:10],
+        "from_name": config.brush_name,
+        "to_name": config.image_name,
+        "type": "brushlabels",
+        "origin": "prediction",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": image_rotation,
+        "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]},
+        "score": float(score),
+        "readonly": False,
+    }
+
+
+def fit_mask(mask: np.ndarray, width: int | None, height: int | None) -> np.ndarray:
+    """Resize a mask (nearest) to the size Label Studio reported, if that differs."""
+    if not width or not height or mask.shape == (height, width):
+        return mask
+    from PIL import Image
+
+    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((int(width), int(height)), Image.Resampling.NEAREST)
+    return np.asarray(image) > 127
+
+
+def _region_size(region: dict, image_size: tuple[int, int]) -> tuple[int, int]:
+    width = region.get("original_width") or image_size[1]
+    height = region.get("original_height") or image_size[0]
+    try:
+        width, height = int(round(float(width))), int(round(float(height)))
+    except (TypeError, ValueError):
+        raise BadRequestError(f"Region {region.get('id', '?')} has a non-numeric original size.") from None
+    if width <= 0 or height <= 0:
+        raise BadRequestError(f"Region {region.get('id', '?')} has original size {width}x{height}.")
+    return width, height
+
+
+def _number(value: dict, key: str, region: dict) -> float:
+    try:
+        number = float(value[key])
+    except (KeyError, TypeError, ValueError):
+        raise BadRequestError(f"Region {region.get('id', '?')} has no numeric value.{key}.") from None
+    if not math.isfinite(number):
+        raise BadRequestError(f"Region {region.get('id', '?')} has a non-finite value.{key}.")
+    return number
+
+
+def _region_label(value: dict) -> str | None:
+    for key in ("keypointlabels", "rectanglelabels", "labels"):
+        labels = value.get(key)
+        if isinstance(labels, list) and labels:
+            return str(labels[0])
+    return None

@@ -1,0 +1,182 @@
+"""Label Studio's ML backend protocol on Flask (application factory).
+
+Endpoints: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``,
+``POST /webhook``, ``GET /versions``, ``GET /metrics``. Every failure answers
+``{"error": "..."}`` with a fitting status; nothing takes the worker down.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from sam_backend import __version__
+from sam_backend.backend import SamBackend
+from sam_backend.errors import (
+    BadRequestError,
+    ImageError,
+    LabelConfigError,
+    MediaFetchError,
+    MediaTimeoutError,
+    ModelNotReadyError,
+    SamBackendError,
+)
+from sam_backend.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+#: Status code for each kind of failure; the first matching class wins.
+STATUS_BY_ERROR = (
+    (BadRequestError, 400),
+    (ImageError, 422),
+    (LabelConfigError, 422),
+    (MediaTimeoutError, 504),
+    (MediaFetchError, 502),
+    (ModelNotReadyError, 503),
+)
+RETRY_AFTER_SECONDS = 10
+
+
+def status_for(error: SamBackendError) -> int:
+    """The HTTP status for a backend error."""
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def create_app(backend: SamBackend | None = None, start_loading: bool = True) -> Flask:
+    """Build the Flask app around a :class:`SamBackend`.
+
+    Args:
+        backend: the backend to serve; one for ``SAM_PRESET`` by default.
+        start_loading: start loading the model in the background now.
+
+    Basic auth is on when ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` are set.
+
+    Example:
+        >>> app = create_app(SamBackend(preset="demo"))  # doctest: +SKIP
+        >>> app.test_client().get("/health").json["status"]  # doctest: +SKIP
+        'UP'
+    """
+    backend = backend or SamBackend()
+    if start_loading:
+        backend.holder.start()
+    app = Flask("sam_backend")
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["sam_backend"] = backend
+    metrics = Metrics.create()
+    app.extensions["sam_metrics"] = metrics
+    auth_user = os.environ.get("BASIC_AUTH_USER")
+    auth_pass = os.environ.get("BASIC_AUTH_PASS")
+
+    @app.before_request
+    def check_auth():
+        metrics.requests.labels(request.endpoint or "unknown").inc()
+        if not (auth_user and auth_pass):
+            return None
+        auth = request.authorization
+        user_ok = hmac.compare_digest((auth.username or "") if auth else "", auth_user)
+        pass_ok = hmac.compare_digest((auth.password or "") if auth else "", auth_pass)
+        if user_ok and pass_ok:
+            return None
+        response = jsonify(error="Authentication required: set the backend's basic auth user and password in Label Studio's model settings.")
+        response.status_code = 401
+        response.headers["WWW-Authenticate"] = 'Basic realm="sam-backend"'
+        return response
+
+    @app.errorhandler(SamBackendError)
+    def backend_error(error: SamBackendError):
+        status = status_for(error)
+        metrics.errors.labels(request.endpoint or "unknown", str(status)).inc()
+        logger.warning("%s %s -> %d: %s", request.method, request.path, status, error)
+        response = jsonify(error=str(error))
+        response.status_code = status
+        if status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        metrics.errors.labels(request.endpoint or "unknown", str(error.code)).inc()
+        response = jsonify(error=f"{error.name}: {error.description}")
+        response.status_code = error.code or 500
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error: Exception):
+        metrics.errors.labels(request.endpoint or "unknown", "500").inc()
+        logger.exception("%s %s failed", request.method, request.path)
+        response = jsonify(error=f"Internal error in sam-backend ({type(error).__name__}: {error}); see its log.")
+        response.status_code = 500
+        return response
+
+    def json_body() -> dict:
+        body = request.get_json(silent=True)
+        if body is None:
+            raise BadRequestError("The request body must be JSON (Content-Type: application/json).")
+        if not isinstance(body, dict):
+            raise BadRequestError("The request body must be a JSON object.")
+        return body
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        holder = backend.holder
+        body = {
+            "status": "UP",
+            "model_class": "SamBackend",
+            "model_state": holder.state,
+            "preset": backend.preset,
+            "model_version": backend.model_version,
+        }
+        if holder.error:
+            body["error"] = holder.error
+        return jsonify(body)
+
+    @app.post("/setup")
+    def setup():
+        return jsonify(backend.setup(json_body()))
+
+    @app.post("/predict")
+    def predict():
+        body = json_body()
+        if "tasks" not in body:
+            raise BadRequestError('The request has no "tasks" list.')
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise BadRequestError("params must be an object.")
+        started = time.perf_counter()
+        results = backend.predict(
+            body["tasks"],
+            body.get("label_config"),
+            params.get("context"),
+            project=body.get("project"),
+        )
+        metrics.predict_seconds.observe(time.perf_counter() - started)
+        return jsonify(results=results, model_version=backend.model_version)
+
+    @app.post("/webhook")
+    def webhook():
+        body = request.get_json(silent=True) or {}
+        action = body.get("action") if isinstance(body, dict) else None
+        logger.info("Webhook %s received; SAM is not trained by this backend, nothing to do.", action)
+        return jsonify(status="ok", action=action, message="sam-backend does not train; event ignored."), 201
+
+    @app.get("/versions")
+    def versions():
+        return jsonify(versions=[backend.model_version], model_version=backend.model_version, backend=__version__)
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        metrics.model_loaded.set(1 if backend.holder.state == "ready" else 0)
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    return app

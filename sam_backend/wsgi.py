@@ -1,0 +1,11 @@
+"""WSGI entry point: ``gunicorn sam_backend.wsgi:app``.
+
+Each gunicorn worker imports this module itself (no ``--preload``), so each
+loads the model once, in the background, at start.
+"""
+
+from sam_backend.logs import configure_logging
+from sam_backend.server import create_app
+
+configure_logging()
+app = create_app()
