@@ -36,7 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=int, default=_env_int("SAM_WORKER_TIMEOUT", 300),
                        help="seconds before gunicorn restarts a silent worker (default 300)")
     serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING...")
+
+    check = commands.add_parser("healthcheck", help="exit 0 when the local server answers /health (for Docker)")
+    check.add_argument("--url", default=None, help="default http://127.0.0.1:$PORT")
     return parser
+
+
+def healthcheck(args: argparse.Namespace) -> int:
+    """GET /health (with the server's own basic auth, if any); 0 when it says UP."""
+    import requests
+
+    url = args.url or f"http://127.0.0.1:{os.environ.get('PORT', '9090')}"
+    user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+    try:
+        response = requests.get(url.rstrip("/") + "/health", timeout=2, auth=(user, password) if user and password else None)
+        return 0 if response.ok and response.json().get("status") == "UP" else 1
+    except (requests.RequestException, ValueError):
+        return 1
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -77,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sam-backend`` script."""
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "log_level", None))
-    if args.command == "serve":
-        serve(args)
+    if args.command == "healthcheck":
+        return healthcheck(args)
+    serve(args)
     return 0
 
 

@@ -1,0 +1,39 @@
+# sam-backend: SAM (keras-hub) as a Label Studio ML backend.
+#   docker build -t sam-backend .                                # CPU torch
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t sam-backend:cuda .
+#   docker run -p 9090:9090 -v sam-models:/data -e SAM_PRESET=sam_base_sa1b sam-backend
+FROM python:3.11-slim
+
+ARG TORCH_VERSION=2.13.0
+# The CPU wheel index by default, or the CUDA index that matches your driver (cu126, cu128...).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    KERAS_BACKEND=torch \
+    TF_CPP_MIN_LOG_LEVEL=3 \
+    MODEL_DIR=/data \
+    KAGGLEHUB_CACHE=/data/kagglehub \
+    HF_HOME=/data/huggingface \
+    KERAS_HOME=/data/keras \
+    SAM_PRESET=sam_base_sa1b \
+    PORT=9090 \
+    WORKERS=1 \
+    THREADS=8 \
+    LOG_LEVEL=INFO
+
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+
+WORKDIR /app
+COPY pyproject.toml README.md label_config.xml ./
+COPY sam_backend ./sam_backend
+RUN pip install . && useradd --create-home --uid 1000 sam && mkdir -p /data && chown sam:sam /data
+
+USER sam
+VOLUME ["/data"]
+EXPOSE 9090
+HEALTHCHECK --interval=30s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["sam-backend", "healthcheck"]
+
+ENTRYPOINT ["sh", "-c", "exec gunicorn --bind 0.0.0.0:${PORT} --workers ${WORKERS} --threads ${THREADS} --worker-class gthread --timeout 300 --access-logfile - sam_backend.wsgi:app"]
