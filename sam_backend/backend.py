@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from sam_backend import __version__
-from sam_backend.errors import BadRequestError, ModelNotReadyError, SamBackendError
+from sam_backend.errors import BadRequestError, LabelConfigError, ModelNotReadyError, SamBackendError
 from sam_backend.images import load_image
 from sam_backend.labelconfig import LabelConfig, parse_label_config
 from sam_backend.media import Credentials, MediaFetcher
@@ -162,9 +162,15 @@ class SamBackend:
             extra_params=extra if isinstance(extra, dict) else {},
             label_config=body.get("schema") or None,
         )
+        answer = {"model_version": self.model_version}
         if body.get("schema"):
-            parse_label_config(body["schema"])  # a bad config is reported at connect time
-        return {"model_version": self.model_version}
+            # Not an error: Label Studio connects models before the config is final.
+            try:
+                parse_label_config(body["schema"])
+            except LabelConfigError as exc:
+                logger.warning("Project %s: %s", project, exc)
+                answer["warning"] = str(exc)
+        return answer
 
     def credentials_for(self, project) -> Credentials:
         """Environment credentials, else those ``/setup`` remembered for ``project``."""
@@ -180,8 +186,9 @@ class SamBackend:
         """One prediction per task, in order.
 
         With a context (an annotator's smart regions) each task gets the mask
-        for those prompts. Without one, each task gets an empty result, and the
-        image starts encoding in the background so the first click is fast.
+        for those prompts. Without one, each task gets an empty result; for a
+        single task (one being opened) the image starts encoding in the
+        background so that the first click is fast.
 
         Raises:
             BadRequestError, LabelConfigError, ImageError, MediaFetchError,
@@ -196,8 +203,11 @@ class SamBackend:
         if context is not None and not isinstance(context, dict):
             raise BadRequestError('params.context must be an object with a "result" list of regions.')
         if not context or not context.get("result"):
-            for task in tasks:
-                self._start_warmup(task, config, project)
+            # One task without context is Label Studio opening it for an
+            # annotator: worth encoding now. A batch ("Retrieve predictions")
+            # would queue hours of CPU work behind the next click.
+            if len(tasks) == 1:
+                self._start_warmup(tasks[0], config, project)
             return [self._prediction([], None) for _ in tasks]
         engine = self.holder.engine()
         return [self._predict_task(engine, task, config, context, project) for task in tasks]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -142,7 +141,7 @@ class SamEngine:
             cache_bytes = int(float(mb) * 1024 * 1024) if mb else DEFAULT_BUDGET_BYTES
         self.embeddings: LRUCache[Embedding] = LRUCache(cache_bytes, lambda e: e.nbytes)
         self.encoder_calls = 0
-        self._lock = threading.Lock()
+        self.load_seconds: float | None = None
 
     @classmethod
     def from_preset(cls, preset: str, device: str | None = None, **kwargs) -> "SamEngine":

@@ -106,6 +106,13 @@ def test_setup_answers_model_version(client):
     assert body["model_version"].startswith("tiny_preset@sam-backend-")
 
 
+def test_setup_with_an_unusable_config_connects_and_warns(client):
+    setup = fixture("setup.json")
+    setup["schema"] = '<View><Image name="image" value="$image"/></View>'
+    response = client.post("/setup", json=setup)
+    assert response.status_code == 200 and "no <BrushLabels>" in response.get_json()["warning"]
+
+
 def test_webhook_versions_metrics(client):
     response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {}})
     assert response.status_code == 201 and response.get_json()["status"] == "ok"
@@ -192,6 +199,16 @@ def test_batch_without_context_warms_the_cache(engine, tmp_path, media, image):
     calls = engine.encoder_calls
     client.post("/predict", json=predict_body(media.url + "/img.png", [keypoint(25, 50)]))
     assert engine.encoder_calls == calls
+
+
+def test_batch_of_many_tasks_does_not_queue_warmups(engine, tmp_path, media, image):
+    backend = make_backend(engine, tmp_path)
+    client = create_app(backend).test_client()
+    body = predict_body(media.url + "/img.png", None)
+    body["tasks"] = body["tasks"] * 3
+    assert len(client.post("/predict", json=body).get_json()["results"]) == 3
+    backend._warmup.submit(lambda: None).result(timeout=30)
+    assert len(engine.embeddings) == 0
 
 
 # -------------------------------------------------------------- task media
