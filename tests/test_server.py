@@ -352,3 +352,37 @@ def test_basic_auth(engine, tmp_path, monkeypatch):
     good = base64.b64encode(b"annotator:s3cret").decode()
     response = client.get("/health", headers={"Authorization": f"Basic {good}"})
     assert response.status_code == 200 and response.get_json()["status"] == "UP"
+
+
+def test_health_answers_while_an_embedding_is_computed(engine, tmp_path, media, image):
+    """Label Studio gives /health 1 s; a threaded server answers it during a long encode."""
+    import time
+
+    import requests
+    from werkzeug.serving import make_server
+
+    encoding = threading.Event()
+    real_encoder = engine._encoder
+
+    def slow_encoder(x):
+        encoding.set()
+        time.sleep(3)  # a large image on a CPU
+        return real_encoder(x)
+
+    engine._encoder = slow_encoder
+    server = make_server("127.0.0.1", 0, create_app(make_backend(engine, tmp_path)), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        click = threading.Thread(
+            target=requests.post, args=(url + "/predict",),
+            kwargs={"json": predict_body(media.url + "/img.png", [keypoint(25, 50)]), "timeout": 100},
+        )
+        click.start()
+        assert encoding.wait(30)
+        started = time.perf_counter()
+        assert requests.get(url + "/health", timeout=1).json()["status"] == "UP"
+        assert time.perf_counter() - started < 1.0
+        click.join(60)
+    finally:
+        server.shutdown()
