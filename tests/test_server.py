@@ -1,7 +1,6 @@
 """The HTTP protocol through Flask's test client, with a loopback media server."""
 
 import base64
-import copy
 import io
 import json
 import threading
