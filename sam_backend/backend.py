@@ -118,7 +118,7 @@ class SamBackend:
         credentials: Label Studio URL and token; default from the environment.
 
     Example:
-        >>> backend = SamBackend(preset="demo")  # doctest: +SKIP
+        >>> backend = SamBackend(preset="sam_base_sa1b")  # doctest: +SKIP
         >>> backend.holder.start().wait()  # doctest: +SKIP
         >>> backend.predict(tasks, label_config, context)  # doctest: +SKIP
     """

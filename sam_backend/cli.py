@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the ML backend with gunicorn")
     serve.add_argument("--preset", default=None, help="keras-hub SAM preset: sam_base_sa1b, kaggle://..., hf://..., "
-                       "a local directory, or demo (default: SAM_PRESET, else sam_base_sa1b)")
+                       "a local directory, or the name of a preset shipped in sam_backend/presets (default: SAM_PRESET, else sam_base_sa1b)")
     serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="address to bind (default 0.0.0.0)")
     serve.add_argument("--port", type=int, default=_env_int("PORT", 9090), help="port (default 9090)")
     serve.add_argument("--workers", type=int, default=_env_int("WORKERS", 1),

@@ -30,6 +30,18 @@ def resolve_preset(preset: str) -> str:
     return os.path.expanduser(preset)
 
 
+def shipped_presets() -> list[str]:
+    """Names of the presets shipped inside the package."""
+    if not SHIPPED_PRESETS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_PRESETS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def _shipped_hint() -> str:
+    names = shipped_presets()
+    return f", or use a preset shipped with sam-backend: {', '.join(names)}" if names else ""
+
+
 def describe_source(preset: str) -> str:
     """Where keras-hub will look for ``preset``, in words for an error message."""
     resolved = resolve_preset(preset)
@@ -79,7 +91,7 @@ def load_segmenter(preset: str):
     Args:
         preset: a built-in name (``sam_base_sa1b``...), ``kaggle://``,
             ``hf://``, a local preset directory, or the name of a preset shipped
-            with this package (``demo``).
+            with this package (a directory name under ``sam_backend/presets``).
 
     Raises:
         PresetLoadError: one message that says what was tried and how to
@@ -95,8 +107,8 @@ def load_segmenter(preset: str):
         raise PresetLoadError(
             f"Could not load the SAM preset {preset!r} from {describe_source(preset)}: "
             f"{type(exc).__name__}: {cause}. Without network access, point --preset "
-            "(or SAM_PRESET) at a local preset directory made with save_to_preset, "
-            "or use the shipped offline preset: --preset demo."
+            "(or SAM_PRESET) at a local preset directory made with save_to_preset"
+            f"{_shipped_hint()}."
         ) from exc
     if not isinstance(model, keras_hub.models.SAMImageSegmenter):
         raise PresetLoadError(f"The preset {preset!r} did not load as a SAMImageSegmenter.")

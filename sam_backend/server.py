@@ -60,7 +60,7 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
     Basic auth is on when ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` are set.
 
     Example:
-        >>> app = create_app(SamBackend(preset="demo"))  # doctest: +SKIP
+        >>> app = create_app(SamBackend(preset="sam_base_sa1b"))  # doctest: +SKIP
         >>> app.test_client().get("/health").json["status"]  # doctest: +SKIP
         'UP'
     """

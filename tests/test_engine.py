@@ -156,7 +156,7 @@ def test_missing_preset_directory_fails_fast_with_guidance(tmp_path):
     with pytest.raises(PresetLoadError) as info:
         SamEngine.from_preset(str(tmp_path / "nowhere"))
     message = str(info.value)
-    assert "nowhere" in message and "does not exist" in message and "--preset demo" in message
+    assert "nowhere" in message and "does not exist" in message and "local preset directory made with save_to_preset" in message
 
 
 def test_a_preset_that_is_not_sam_is_refused(tmp_path):
@@ -177,3 +177,17 @@ def test_a_corrupt_preset_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(PresetLoadError, match="local directory"):
         SamEngine.from_preset(str(tmp_path))
+
+
+def test_shipped_preset_names_resolve_to_the_package_directory(tmp_path, monkeypatch, tiny_preset_dir):
+    import shutil
+
+    from sam_backend import presets
+
+    monkeypatch.setattr(presets, "SHIPPED_PRESETS_DIR", tmp_path)
+    shutil.copytree(tiny_preset_dir, tmp_path / "mini")
+    assert presets.resolve_preset("mini") == str(tmp_path / "mini")
+    assert presets.resolve_preset("sam_base_sa1b") == "sam_base_sa1b"
+    assert presets.shipped_presets() == ["mini"]
+    with pytest.raises(PresetLoadError, match="shipped with sam-backend: mini"):
+        SamEngine.from_preset(str(tmp_path / "absent"))

@@ -104,7 +104,7 @@ def test_unloadable_preset_is_reported_by_a_live_server(tmp_path):
         assert body.get("model_state") == "failed" and "does not exist" in body["error"]
         response = requests.post(url + "/predict", json=predict_body("http://x/y.png", [keypoint(1, 1)]), timeout=10)
         assert response.status_code == 503 and "Retry-After" in response.headers
-        assert "--preset demo" in response.json()["error"]
+        assert "local preset directory" in response.json()["error"]
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)
