@@ -214,10 +214,8 @@ class SamBackend:
 
     def _predict_task(self, engine, task: dict, config: LabelConfig, context: dict, project) -> dict:
         url, task_id = _image_url(task, config)
-        path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project or task.get("project")))
-        embedding = engine.embedding_for(_image_key(url, path), _image_loader(path, url, task_id))
-        height, width = embedding.frame.original_size
-        prompt = prompt_from_context(context, config, (height, width))
+        embedding = self._embedding(engine, url, task_id, project or task.get("project"))
+        prompt = prompt_from_context(context, config, embedding.frame.original_size)
         if not prompt:
             logger.info("Task %s: the context has no smart keypoint or rectangle for %r", task_id, config.image_name)
             return self._prediction([], None)
@@ -230,6 +228,11 @@ class SamBackend:
             task_id, len(prompt.points), prompt.box is not None, label, 100 * mask.mean(), prediction.score,
         )
         return self._prediction([region], prediction.score)
+
+    def _embedding(self, engine, url: str, task_id, project):
+        """Fetch the task's image and encode it, unless its embedding is cached."""
+        path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project))
+        return engine.embedding_for(_image_key(url, path), _image_loader(path, url, task_id))
 
     def _prediction(self, result: list, score: float | None) -> dict:
         prediction = {"result": result, "model_version": self.model_version}
@@ -248,8 +251,7 @@ class SamBackend:
 
         def warm():
             try:
-                path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project or task.get("project")))
-                self.holder.engine().embedding_for(_image_key(url, path), _image_loader(path, url, task_id))
+                self._embedding(self.holder.engine(), url, task_id, project or task.get("project"))
             except SamBackendError as exc:
                 logger.info("Warm-up of task %s skipped: %s", task_id, exc)
             except Exception:
