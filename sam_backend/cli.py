@@ -61,7 +61,7 @@ def serve(args: argparse.Namespace) -> None:
 
     if args.preset:
         os.environ["SAM_PRESET"] = args.preset  # read by each worker's app factory
-    os.environ["LOG_LEVEL"] = args.log_level
+    os.environ["LOG_LEVEL"] = args.log_level  # read by each worker's logging set-up
     options = {
         "bind": f"{args.host}:{args.port}",
         "workers": args.workers,
@@ -79,10 +79,11 @@ def serve(args: argparse.Namespace) -> None:
                 self.cfg.set(key, value)
 
         def load(self):
-            from sam_backend.server import create_app
+            # The same entry point as `gunicorn sam_backend.wsgi:app` (Docker),
+            # imported in each worker; it reads SAM_PRESET and LOG_LEVEL set above.
+            from sam_backend.wsgi import app
 
-            configure_logging(args.log_level)
-            return create_app()
+            return app
 
     logger.info("Serving %s on http://%s:%d with %d worker(s) x %d thread(s)",
                 default_preset(), args.host, args.port, args.workers, args.threads)
