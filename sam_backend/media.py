@@ -36,9 +36,6 @@ class Credentials:
             token=(os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN") or None),
         )
 
-    def __bool__(self) -> bool:
-        return bool(self.hostname and self.token)
-
 
 class _TimeoutSession(requests.Session):
     """label-studio-sdk downloads without a timeout; this session adds one."""
@@ -90,7 +87,7 @@ class MediaFetcher:
 
         if not isinstance(url, str) or not url:
             raise MediaFetchError(f"Task {task_id}: the image URL is empty.")
-        credentials = credentials or Credentials()
+        credentials = credentials if credentials is not None else Credentials()
         session = _TimeoutSession(self.timeout)
         try:
             token = self._bearer_token(credentials)
