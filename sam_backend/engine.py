@@ -298,26 +298,34 @@ class SamEngine:
             SAM's prompt encoder expects.
         """
         import torch
+
+        with torch.inference_mode(), _device_scope(self.device):
+            logits, iou = self.decode_tensors(features, points, labels, boxes, mask_inputs)
+            return logits.float(), iou.float()
+
+    def decode_tensors(self, features, points, labels, boxes=None, mask_inputs=None):
+        """:meth:`decode_batch` with autograd left on, for training.
+
+        Takes numpy arrays or torch tensors; ``features`` may hold one image
+        (shared by all prompts) or one per prompt.
+        """
+        import torch
         from keras import ops
 
+        tensor = lambda a: ops.convert_to_tensor(a, dtype="float32")  # noqa: E731
+        points, labels = tensor(points), tensor(labels)
         batch = points.shape[0]
-        points = np.asarray(points, dtype=np.float32)
-        labels = np.asarray(labels, dtype=np.float32)
         if boxes is None:
-            points = np.concatenate([points, np.zeros((batch, 1, 2), np.float32)], axis=1)
-            labels = np.concatenate([labels, -np.ones((batch, 1), np.float32)], axis=1)
-            boxes = np.zeros((batch, 0, 2, 2), np.float32)
+            points = torch.cat([points, torch.zeros_like(points[:, :1])], dim=1)
+            labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)
+            boxes = torch.zeros((batch, 0, 2, 2), device=points.device)
         if mask_inputs is None:
-            masks = np.zeros((batch, 0, *self.mask_input_size, 1), np.float32)
+            masks = torch.zeros((batch, 0, *self.mask_input_size, 1), device=points.device)
         else:
-            masks = np.asarray(mask_inputs, np.float32)[:, None, :, :, None]
-        with torch.inference_mode(), _device_scope(self.device):
-            tensor = lambda a: ops.convert_to_tensor(a, dtype="float32")  # noqa: E731
-            prompts = self._prompt_encoder(
-                points=tensor(points), labels=tensor(labels), boxes=tensor(boxes), masks=tensor(masks)
-            )
-            out = self._mask_decoder(image_embeddings=features, **prompts)
-            return out["masks"].float(), out["iou_pred"].float()
+            masks = tensor(mask_inputs)[:, None, :, :, None]
+        prompts = self._prompt_encoder(points=points, labels=labels, boxes=tensor(boxes), masks=masks)
+        out = self._mask_decoder(image_embeddings=features, **prompts)
+        return out["masks"], out["iou_pred"]
 
     # --------------------------------------------------------------- predict
 
