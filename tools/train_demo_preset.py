@@ -6,8 +6,10 @@ The model is keras-hub's own SAM architecture (``ViTDetBackbone``,
 in well under an hour and ships inside the package. It learns one thing:
 segmenting the shapes of :mod:`sam_backend.synthetic` from SAM-style prompts.
 
-The objective follows the SAM paper: focal (x20) + dice loss on the masks, MSE
-between the IoU head and each mask's real IoU; prompts are a random point
+The objective follows the SAM paper: a per-pixel loss + dice loss on the masks
+(SAM's focal x20 with ``--focal-weight 20 --bce-weight 0``; cross-entropy by
+default, which is what the shipped preset used), MSE between the IoU head and
+each mask's real IoU; prompts are a random point
 inside the object (ambiguous: three outputs, only the best one is trained),
 a jittered box, a box with points, several positive and negative points, and
 a second round that adds a point from the error region and feeds the first
@@ -15,7 +17,7 @@ round's logits back as ``mask_input``.
 
 Usage::
 
-    python tools/train_demo_preset.py                    # ~45 min on 2 CPU cores
+    python tools/train_demo_preset.py                    # ~27 min on 2 CPU cores
     python tools/train_demo_preset.py --steps 50 --output /tmp/demo   # smoke test
     python tools/evaluate_preset.py sam_backend/presets/demo
 
