@@ -363,7 +363,14 @@ def train(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     arch = dict(ARCHITECTURE, input_size=args.input_size, patch_size=args.patch_size)
-    model = build_demo_segmenter(args.seed, arch)
+    if args.init:
+        # Continue from an earlier preset (a second stage with its own schedule).
+        from sam_backend.presets import load_segmenter
+
+        model = load_segmenter(args.init)
+        arch["input_size"] = int(model.backbone.image_encoder.input.shape[1])
+    else:
+        model = build_demo_segmenter(args.seed, arch)
     size = arch["input_size"]
     params = trainable_parameters(model)
     count = sum(p.numel() for p in params)
@@ -455,6 +462,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="preset directory to write")
     parser.add_argument("--input-size", type=int, default=ARCHITECTURE["input_size"])
     parser.add_argument("--patch-size", type=int, default=ARCHITECTURE["patch_size"])
+    parser.add_argument("--init", help="start from this preset's weights instead of random ones")
     parser.add_argument("--steps", type=int, default=4200)
     parser.add_argument("--images", type=int, default=4, help="images per step")
     parser.add_argument("--objects", type=int, default=4, help="objects per image per step")
