@@ -8,49 +8,19 @@ import numpy as np
 import pytest
 
 import sam_backend  # noqa: F401  (environment before keras)
-from sam_backend.presets import import_keras_hub
 
 TINY_INPUT = 128
 
 
 def build_tiny_segmenter(input_size: int = TINY_INPUT, seed: int = 0):
     """A randomly initialised SAMImageSegmenter small enough for unit tests."""
-    keras_hub = import_keras_hub()
-    import keras
+    from sam_backend.architectures import SamArchitecture, build_sam
 
-    keras.utils.set_random_seed(seed)
-    grid = input_size // 16
-    encoder = keras_hub.models.ViTDetBackbone(
-        hidden_size=16,
-        num_layers=2,
-        intermediate_dim=32,
-        num_heads=2,
-        global_attention_layer_indices=[1],
-        patch_size=16,
-        num_output_channels=8,
-        window_size=4,
-        image_shape=(input_size, input_size, 3),
+    tiny = SamArchitecture(
+        input_size=input_size, encoder_width=16, encoder_depth=2, encoder_heads=2, encoder_mlp=32,
+        window_size=4, global_layers=(1,), embed_dim=8, decoder_heads=2, decoder_mlp=16,
     )
-    prompt_encoder = keras_hub.layers.SAMPromptEncoder(
-        hidden_size=8,
-        image_embedding_size=(grid, grid),
-        input_image_size=(input_size, input_size),
-        mask_in_channels=16,
-    )
-    mask_decoder = keras_hub.layers.SAMMaskDecoder(
-        num_layers=2,
-        hidden_size=8,
-        intermediate_dim=16,
-        num_heads=2,
-        embedding_dim=8,
-        num_multimask_outputs=3,
-        iou_head_depth=3,
-        iou_head_hidden_dim=8,
-    )
-    backbone = keras_hub.models.SAMBackbone(
-        image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder
-    )
-    return keras_hub.models.SAMImageSegmenter(backbone=backbone)
+    return build_sam(tiny, seed)
 
 
 @pytest.fixture(scope="session")

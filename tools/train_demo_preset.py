@@ -28,6 +28,7 @@ machine and library versions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sam_backend  # noqa: E402,F401  (sets KERAS_BACKEND before keras loads)
 from sam_backend.engine import SamEngine  # noqa: E402
-from sam_backend.presets import import_keras_hub  # noqa: E402
+from sam_backend.architectures import SamArchitecture, build_sam  # noqa: E402
 from sam_backend.synthetic import generate_scene  # noqa: E402
 from sam_backend.transforms import preprocess, resized_shape  # noqa: E402
 
@@ -51,9 +52,8 @@ logger = logging.getLogger("train_demo_preset")
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "sam_backend" / "presets" / "demo"
 
 #: The demo architecture: small enough to train on a CPU and ship (< 10 MB).
-ARCHITECTURE = dict(
+ARCHITECTURE = SamArchitecture(
     input_size=256,
-    patch_size=16,
     encoder_width=128,
     encoder_depth=6,
     encoder_heads=4,
@@ -61,51 +61,9 @@ ARCHITECTURE = dict(
     window_size=8,
     global_layers=(2, 5),
     embed_dim=128,
-    decoder_depth=2,
     decoder_heads=4,
     decoder_mlp=384,
 )
-
-
-def build_demo_segmenter(seed: int = 0, arch: dict = ARCHITECTURE):
-    """A randomly initialised small SAMImageSegmenter of keras-hub's classes."""
-    keras_hub = import_keras_hub()
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    size = arch["input_size"]
-    grid = size // arch["patch_size"]
-    encoder = keras_hub.models.ViTDetBackbone(
-        hidden_size=arch["encoder_width"],
-        num_layers=arch["encoder_depth"],
-        intermediate_dim=arch["encoder_mlp"],
-        num_heads=arch["encoder_heads"],
-        global_attention_layer_indices=list(arch["global_layers"]),
-        patch_size=arch["patch_size"],
-        num_output_channels=arch["embed_dim"],
-        window_size=arch["window_size"],
-        image_shape=(size, size, 3),
-    )
-    prompt_encoder = keras_hub.layers.SAMPromptEncoder(
-        hidden_size=arch["embed_dim"],
-        image_embedding_size=(grid, grid),
-        input_image_size=(size, size),
-        mask_in_channels=16,
-    )
-    mask_decoder = keras_hub.layers.SAMMaskDecoder(
-        num_layers=arch["decoder_depth"],
-        hidden_size=arch["embed_dim"],
-        intermediate_dim=arch["decoder_mlp"],
-        num_heads=arch["decoder_heads"],
-        embedding_dim=arch["embed_dim"],
-        num_multimask_outputs=3,
-        iou_head_depth=3,
-        iou_head_hidden_dim=arch["embed_dim"],
-    )
-    backbone = keras_hub.models.SAMBackbone(
-        image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder
-    )
-    return keras_hub.models.SAMImageSegmenter(backbone=backbone)
 
 
 # ------------------------------------------------------------------ data
@@ -176,10 +134,8 @@ def negative_point(rng, mask, other, size) -> np.ndarray:
     near = np.zeros_like(mask)
     near[max(0, ys.min() - pad) : ys.max() + pad, max(0, xs.min() - pad) : xs.max() + pad] = True
     for region in (other & near, near & ~mask, ~mask):
-        if region.any() and (region is not other & near or rng.random() < 0.7):
-            point = sample_in(rng, region)
-            if point is not None:
-                return point
+        if region.any():
+            return sample_in(rng, region)
     return np.array([rng.uniform(0, size), rng.uniform(0, size)], dtype=np.float32)
 
 
@@ -362,16 +318,16 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    arch = dict(ARCHITECTURE, input_size=args.input_size, patch_size=args.patch_size)
+    arch = dataclasses.replace(ARCHITECTURE, input_size=args.input_size, patch_size=args.patch_size)
     if args.init:
         # Continue from an earlier preset (a second stage with its own schedule).
         from sam_backend.presets import load_segmenter
 
         model = load_segmenter(args.init)
-        arch["input_size"] = int(model.backbone.image_encoder.input.shape[1])
+        size = int(model.backbone.image_encoder.input.shape[1])
     else:
-        model = build_demo_segmenter(args.seed, arch)
-    size = arch["input_size"]
+        model = build_sam(arch, args.seed)
+        size = arch.input_size
     params = trainable_parameters(model)
     count = sum(p.numel() for p in params)
     logger.info("Model: %.2f M parameters, %d px input; %d steps of %d images", count / 1e6, size, args.steps, args.images)
@@ -460,8 +416,8 @@ def _clock(seconds: float) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="preset directory to write")
-    parser.add_argument("--input-size", type=int, default=ARCHITECTURE["input_size"])
-    parser.add_argument("--patch-size", type=int, default=ARCHITECTURE["patch_size"])
+    parser.add_argument("--input-size", type=int, default=ARCHITECTURE.input_size)
+    parser.add_argument("--patch-size", type=int, default=ARCHITECTURE.patch_size)
     parser.add_argument("--init", help="start from this preset's weights instead of random ones")
     parser.add_argument("--steps", type=int, default=4200)
     parser.add_argument("--images", type=int, default=4, help="images per step")
