@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -106,6 +106,95 @@ def prompt_from_context(context: dict | None, config: LabelConfig, image_size: t
             prompt.box = rectangle_to_box(value, width, height, region)
         prompt.label = _region_label(value) or prompt.label
     return prompt
+
+
+def prompts_from_task(task: dict, config: LabelConfig, image_size: tuple[int, int]) -> list[Prompt]:
+    """Prompts already on a task: boxes and keypoints in its annotations or predictions.
+
+    The newest annotation (not cancelled) that has rectangles or keypoints on
+    the image is used; without one, the newest prediction that has (a
+    detector's boxes imported as predictions, say). Each rectangle is one
+    prompt; the keypoints of one label form one prompt together
+    (``is_positive: false`` gives background points).
+
+    Args:
+        task: a task as Label Studio sends it (``annotations``, ``predictions``).
+        config: the parsed label config.
+        image_size: ``(height, width)`` of the image as loaded.
+
+    Returns:
+        Prompts in the order of their regions, keypoint groups after the boxes;
+        empty when the task has none.
+
+    Raises:
+        BadRequestError: a region is malformed.
+
+    Example:
+        >>> from sam_backend.labelconfig import LabelConfig
+        >>> cfg = LabelConfig("image", "image", "brush", ("Cat",), (), ("box",))
+        >>> task = {"predictions": [{"result": [{"from_name": "box", "to_name": "image",
+        ...     "type": "rectanglelabels", "value": {"x": 10, "y": 20, "width": 50, "height": 50,
+        ...     "rectanglelabels": ["Cat"]}}]}]}
+        >>> [(p.box, p.label) for p in prompts_from_task(task, cfg, (100, 200))]
+        [([20.0, 20.0, 120.0, 70.0], 'Cat')]
+    """
+    for source in ("annotations", "predictions"):
+        items = task.get(source) or []
+        if not isinstance(items, list):
+            continue
+        for item in sorted((i for i in items if isinstance(i, dict)), key=_age, reverse=True):
+            if item.get("was_cancelled"):
+                continue
+            prompts = _prompts_from_result(item.get("result") or [], config, image_size)
+            if prompts:
+                return prompts
+    return []
+
+
+def _age(item: dict) -> tuple[str, int]:
+    # ISO timestamps sort as strings; ids break ties and stand in when there is no date.
+    try:
+        number = int(item.get("id") or 0)
+    except (TypeError, ValueError):
+        number = 0
+    return str(item.get("updated_at") or item.get("created_at") or ""), number
+
+
+def _prompts_from_result(result: list, config: LabelConfig, image_size: tuple[int, int]) -> list[Prompt]:
+    if not isinstance(result, list):
+        return []
+    boxes: list[Prompt] = []
+    groups: dict[str | None, Prompt] = {}
+    for region in result:
+        if not isinstance(region, dict) or region.get("to_name", config.image_name) != config.image_name:
+            continue
+        kind = str(region.get("type", "")).lower()
+        if kind not in KEYPOINT_TYPES + RECTANGLE_TYPES:
+            continue
+        # Any rectangle on the image counts, not only the config's smart ones:
+        # a detector's import may name its own control.
+        single = prompt_from_context({"result": [region]}, _any_control(config, region), image_size)
+        if not single:
+            continue
+        if kind in RECTANGLE_TYPES:
+            boxes.append(single)
+            continue
+        group = groups.setdefault(single.label, Prompt(
+            label=single.label, original_width=single.original_width,
+            original_height=single.original_height, image_rotation=single.image_rotation,
+        ))
+        group.points += single.points
+        group.labels += single.labels
+    # A group of background points alone selects nothing.
+    return boxes + [g for g in groups.values() if 1 in g.labels]
+
+
+def _any_control(config: LabelConfig, region: dict) -> LabelConfig:
+    """``config`` with the region's own control name accepted as a keypoint and rectangle control."""
+    name = region.get("from_name")
+    if name in config.keypoint_names or name in config.rectangle_names:
+        return config
+    return replace(config, keypoint_names=config.keypoint_names + (name,), rectangle_names=config.rectangle_names + (name,))
 
 
 def rectangle_to_box(value: dict, width: float, height: float, region: dict | None = None) -> list[float]:

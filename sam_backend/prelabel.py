@@ -1,0 +1,126 @@
+"""Masks for a task nobody has clicked on yet: from its own boxes and keypoints, or automatic.
+
+This is what "Retrieve predictions", a task opened with pre-labeling on, and
+``sam-backend preannotate`` produce. The mode says where prompts come from:
+
+- ``boxes``: rectangles and keypoints already on the task (annotations, or
+  imported predictions such as a detector's boxes), one mask per box and one
+  per keypoint label;
+- ``auto``: SAM's automatic mask generation over a grid of points;
+- ``boxes-then-auto``: the task's own prompts when it has some, else automatic;
+- ``off``: nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from sam_backend.automask import AutoMaskGenerator, AutoMaskSettings
+from sam_backend.errors import BadRequestError
+from sam_backend.labelconfig import LabelConfig
+from sam_backend.regions import brush_label_for, fit_mask, mask_to_brush_region, prompts_from_task
+
+logger = logging.getLogger(__name__)
+
+MODES = ("boxes", "auto", "boxes-then-auto", "off")
+DEFAULT_MODE = "boxes"
+
+
+@dataclass(frozen=True)
+class PrelabelSettings:
+    """What to predict for tasks without a click.
+
+    Attributes:
+        mode: one of :data:`MODES`.
+        auto: automatic mask generation settings.
+        auto_label: the brush label of automatic masks (default: the brush's first).
+
+    Example:
+        >>> PrelabelSettings.from_sources({"SAM_PRELABEL": "auto"}, {"points_per_side": 8}).auto.points_per_side
+        8
+    """
+
+    mode: str = DEFAULT_MODE
+    auto: AutoMaskSettings = field(default_factory=AutoMaskSettings)
+    auto_label: str | None = None
+
+    @classmethod
+    def from_sources(cls, environ: dict | None = None, extra_params: dict | None = None) -> "PrelabelSettings":
+        """Settings from the environment, overridden by a project's ``extra_params``.
+
+        Environment: ``SAM_PRELABEL`` (the mode), ``SAM_AUTO_LABEL``, and
+        ``SAM_AUTO_<SETTING>`` for each :class:`AutoMaskSettings` field
+        (``SAM_AUTO_POINTS_PER_SIDE=16``). ``extra_params`` (the JSON set in
+        Label Studio's model settings) uses ``prelabel``, ``auto_label`` and
+        the field names themselves, or an ``"auto": {...}`` object.
+
+        Raises:
+            BadRequestError: an unknown mode or an invalid setting.
+        """
+        environ = os.environ if environ is None else environ
+        extra = extra_params or {}
+        mode = str(extra.get("prelabel") or environ.get("SAM_PRELABEL") or DEFAULT_MODE).strip().lower()
+        if mode not in MODES:
+            raise BadRequestError(f"Unknown pre-labeling mode {mode!r}; use one of {', '.join(MODES)}.")
+        from_env = {
+            key[len("SAM_AUTO_"):].lower(): value
+            for key, value in environ.items()
+            if key.startswith("SAM_AUTO_") and key != "SAM_AUTO_LABEL"
+        }
+        auto = AutoMaskSettings.from_mapping(from_env)
+        nested = extra.get("auto") if isinstance(extra.get("auto"), dict) else {}
+        auto = AutoMaskSettings.from_mapping({**extra, **nested}, base=auto)
+        label = extra.get("auto_label") or environ.get("SAM_AUTO_LABEL") or None
+        return cls(mode=mode, auto=auto, auto_label=label)
+
+
+@dataclass
+class TaskMasks:
+    """The regions predicted for one task and how they were found."""
+
+    regions: list[dict]
+    source: str  # "boxes", "auto" or "none"
+
+    @property
+    def score(self) -> float | None:
+        """Mean predicted IoU of the regions (Label Studio sorts predictions by it)."""
+        scores = [r["score"] for r in self.regions if "score" in r]
+        return sum(scores) / len(scores) if scores else None
+
+
+def predict_task_masks(engine, embedding, task: dict, config: LabelConfig, settings: PrelabelSettings) -> TaskMasks:
+    """Brush regions for ``task`` without an annotator's click.
+
+    Args:
+        engine: a :class:`~sam_backend.engine.SamEngine`.
+        embedding: the task image's embedding.
+        task: the task as Label Studio sends it.
+        config: the parsed label config.
+        settings: :class:`PrelabelSettings`.
+
+    Raises:
+        BadRequestError, PromptError: a malformed region on the task.
+    """
+    if settings.mode == "off":
+        return TaskMasks([], "none")
+    size = embedding.frame.original_size
+    if settings.mode in ("boxes", "boxes-then-auto"):
+        prompts = prompts_from_task(task, config, size)
+        if prompts:
+            regions = []
+            for prompt in prompts:
+                prediction = engine.decode(
+                    embedding, points=prompt.points or None, labels=prompt.labels or None, box=prompt.box
+                )
+                mask = fit_mask(prediction.mask, prompt.original_width, prompt.original_height)
+                label = brush_label_for(prompt.label, config)
+                regions.append(mask_to_brush_region(mask, label, prediction.score, config, prompt.image_rotation))
+            return TaskMasks(regions, "boxes")
+        if settings.mode == "boxes":
+            return TaskMasks([], "none")
+    label = brush_label_for(settings.auto_label, config)
+    masks = AutoMaskGenerator(engine, settings.auto).generate(embedding)
+    regions = [mask_to_brush_region(m.mask, label, m.score, config) for m in masks]
+    return TaskMasks(regions, "auto" if regions else "none")
