@@ -15,11 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from sam_backend import __version__
-from sam_backend.errors import BadRequestError, LabelConfigError, ModelNotReadyError, SamBackendError
+from sam_backend.errors import BadRequestError, ImageError, LabelConfigError, ModelNotReadyError, SamBackendError
+from sam_backend.fingerprints import image_identity
 from sam_backend.images import load_image
 from sam_backend.labelconfig import LabelConfig, parse_label_config
 from sam_backend.media import Credentials, MediaFetcher
 from sam_backend.presets import default_preset
+from sam_backend.refinement import RefinementMemory, prompt_signature
 from sam_backend.regions import (
     brush_label_for,
     fit_mask,
@@ -39,7 +41,9 @@ class ModelHolder:
 
     Args:
         preset: what to load.
-        loader: ``preset -> engine``; defaults to ``SamEngine.from_preset``.
+        loader: ``preset -> engine``; defaults to ``SamEngine.from_preset``
+            with the embedding store the environment configures
+            (:func:`sam_backend.store.open_store`).
     """
 
     def __init__(self, preset: str, loader=None):
@@ -66,8 +70,9 @@ class ModelHolder:
         try:
             if self._loader is None:
                 from sam_backend.engine import SamEngine
+                from sam_backend.store import open_store
 
-                engine = SamEngine.from_preset(self.preset)
+                engine = SamEngine.from_preset(self.preset, store=open_store())
             else:
                 engine = self._loader(self.preset)
         except Exception as exc:  # reported through /health and /predict
@@ -80,6 +85,11 @@ class ModelHolder:
             self.state = "ready"
         finally:
             self._ready.set()
+
+    @property
+    def loaded_engine(self):
+        """The engine once ready, else None (never raises)."""
+        return self._engine if self.state == "ready" else None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until loading ends (ready or failed); False on timeout."""
@@ -135,6 +145,7 @@ class SamBackend:
         self.fetcher = fetcher or MediaFetcher()
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.projects: dict[str, ProjectSetup] = {}
+        self.refinements = RefinementMemory.from_env()
         self._warmup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-warmup")
 
     @property
@@ -214,25 +225,38 @@ class SamBackend:
 
     def _predict_task(self, engine, task: dict, config: LabelConfig, context: dict, project) -> dict:
         url, task_id = _image_url(task, config)
-        embedding = self._embedding(engine, url, task_id, project or task.get("project"))
+        image_key, embedding = self._keyed_embedding(engine, url, task_id, project or task.get("project"))
         prompt = prompt_from_context(context, config, embedding.frame.original_size)
         if not prompt:
             logger.info("Task %s: the context has no smart keypoint or rectangle for %r", task_id, config.image_name)
             return self._prediction([], None)
-        prediction = engine.decode(embedding, points=prompt.points or None, labels=prompt.labels or None, box=prompt.box)
+        # A click that extends the previous prompt starts from its mask, as SAM was trained.
+        signature = prompt_signature(prompt.points, prompt.labels, prompt.box)
+        mask_input = self.refinements.previous(image_key, signature)
+        prediction = engine.decode(
+            embedding, points=prompt.points or None, labels=prompt.labels or None, box=prompt.box,
+            mask_input=mask_input,
+        )
+        self.refinements.remember(image_key, signature, prediction.low_res_logits[0])
         mask = fit_mask(prediction.mask, prompt.original_width, prompt.original_height)
         label = brush_label_for(prompt.label, config)
         region = mask_to_brush_region(mask, label, prediction.score, config, prompt.image_rotation)
         logger.info(
-            "Task %s: %d point(s), box=%s -> %s mask, %.1f%% of the image, IoU %.3f",
-            task_id, len(prompt.points), prompt.box is not None, label, 100 * mask.mean(), prediction.score,
+            "Task %s: %d point(s), box=%s%s -> %s mask, %.1f%% of the image, IoU %.3f",
+            task_id, len(prompt.points), prompt.box is not None, ", refined" if mask_input is not None else "",
+            label, 100 * mask.mean(), prediction.score,
         )
         return self._prediction([region], prediction.score)
 
     def _embedding(self, engine, url: str, task_id, project):
         """Fetch the task's image and encode it, unless its embedding is cached."""
+        return self._keyed_embedding(engine, url, task_id, project)[1]
+
+    def _keyed_embedding(self, engine, url: str, task_id, project):
+        """``(image key, embedding)`` of the task's image (fetched; encoded unless cached or stored)."""
         path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project))
-        return engine.embedding_for(_image_key(url, path), _image_loader(path, url, task_id))
+        key = _image_key(url, path, task_id)
+        return key, engine.embedding_for(key, _image_loader(path, url, task_id))
 
     def _prediction(self, result: list, score: float | None) -> dict:
         prediction = {"result": result, "model_version": self.model_version}
@@ -287,10 +311,9 @@ def _image_loader(path: str, url: str, task_id):
     return lambda: load_image(path, name=f"The image of task {task_id} ({url})")
 
 
-def _image_key(url: str, path: str) -> str:
-    """The image's identity: its URL, plus size and mtime so a replaced file is re-encoded."""
+def _image_key(url: str, path: str, task_id=None) -> str:
+    """The image's identity: its URL plus a digest of the file, so a replaced file is re-encoded."""
     try:
-        stat = os.stat(path)
-        return f"{url}|{stat.st_size}|{int(stat.st_mtime_ns)}"
-    except OSError:
-        return url
+        return image_identity(url, path)
+    except OSError as exc:
+        raise ImageError(f"The image of task {task_id} ({url}) cannot be read after fetching it: {exc}.") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,9 +20,12 @@ import numpy as np
 
 import sam_backend  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 from sam_backend.cache import DEFAULT_BUDGET_BYTES, LRUCache
-from sam_backend.errors import PromptError
+from sam_backend.errors import PromptError, StoreError
+from sam_backend.fingerprints import fingerprint_model, fingerprint_preset_dir
 from sam_backend.images import ImageSource, load_image
-from sam_backend.presets import import_keras_hub, load_segmenter
+from sam_backend.metrics import EngineStats
+from sam_backend.presets import import_keras_hub, load_segmenter, resolve_preset
+from sam_backend.store import EmbeddingStore, StoredEmbedding, entry_key
 from sam_backend.transforms import Frame, postprocess_logits, preprocess
 
 logger = logging.getLogger(__name__)
@@ -110,6 +114,10 @@ class SamEngine:
         device: torch device to run on (``"cpu"``, ``"cuda"``, ``"cuda:1"``);
             None lets keras choose (CUDA when present).
         cache_bytes: budget of the in-memory embedding cache.
+        store: a persistent :class:`~sam_backend.store.EmbeddingStore` behind
+            the memory cache (shared by workers, kept across restarts), or None.
+        fingerprint: the preset's identity in store keys; default a hash of
+            the model's config and weights (computed once, when a store is given).
 
     Example:
         >>> engine = SamEngine.from_preset("sam_base_sa1b")  # doctest: +SKIP
@@ -125,6 +133,8 @@ class SamEngine:
         preset: str = "custom",
         device: str | None = None,
         cache_bytes: int | None = None,
+        store: EmbeddingStore | None = None,
+        fingerprint: str | None = None,
     ):
         self.model = model
         self.preset = preset
@@ -135,6 +145,7 @@ class SamEngine:
         self._mask_decoder = backbone.mask_decoder
         self.input_size = int(self._encoder.input.shape[1])
         self.embedding_size = tuple(int(d) for d in self._encoder.output.shape[1:3])
+        self.embedding_channels = int(self._encoder.output.shape[-1])
         self.mask_input_size = tuple(4 * d for d in self.embedding_size)
         if cache_bytes is None:
             mb = os.environ.get("SAM_MEMORY_CACHE_MB")
@@ -142,6 +153,12 @@ class SamEngine:
         self.embeddings: LRUCache[Embedding] = LRUCache(cache_bytes, lambda e: e.nbytes)
         self.encoder_calls = 0
         self.load_seconds: float | None = None
+        self.stats = EngineStats()
+        self.store = store
+        self._fingerprint = fingerprint
+        self._fingerprint_lock = threading.Lock()
+        if store is not None:
+            self.fingerprint  # noqa: B018  (hash the weights at load, not on the first click)
 
     @classmethod
     def from_preset(cls, preset: str, device: str | None = None, **kwargs) -> "SamEngine":
@@ -154,6 +171,12 @@ class SamEngine:
         started = time.perf_counter()
         with _device_scope(device or os.environ.get("SAM_DEVICE")):
             model = load_segmenter(preset)
+        resolved = resolve_preset(preset)
+        if os.path.isdir(resolved) and "fingerprint" not in kwargs:
+            try:  # hashing the files is cheaper than hashing the loaded weights
+                kwargs["fingerprint"] = fingerprint_preset_dir(resolved)
+            except (OSError, ValueError) as exc:
+                logger.info("Fingerprinting the loaded model instead of %s: %s", resolved, exc)
         engine = cls(model, preset=preset, device=device, **kwargs)
         engine.load_seconds = time.perf_counter() - started
         logger.info(
@@ -166,6 +189,16 @@ class SamEngine:
             engine.device_name,
         )
         return engine
+
+    @property
+    def fingerprint(self) -> str:
+        """The preset's identity in store keys (a hash of its config and weights)."""
+        with self._fingerprint_lock:
+            if self._fingerprint is None:
+                started = time.perf_counter()
+                self._fingerprint = fingerprint_model(self.model)
+                logger.info("Fingerprinted %s in %.1fs: %s", self.preset, time.perf_counter() - started, self._fingerprint[:16])
+            return self._fingerprint
 
     @property
     def device_name(self) -> str:
@@ -186,8 +219,13 @@ class SamEngine:
         """
         rgb = image if _is_rgb_uint8(image) else load_image(image)
         frame = Frame.for_image(rgb.shape[:2], self.input_size)
-        batch = preprocess(rgb, self.input_size)[None]
-        features = self.encode_batch(batch)
+        self.stats.in_flight.inc()
+        try:
+            with self.stats.encode_seconds.time():
+                batch = preprocess(rgb, self.input_size)[None]
+                features = self.encode_batch(batch)
+        finally:
+            self.stats.in_flight.dec()
         return Embedding(features=features, frame=frame)
 
     def encode_batch(self, batch: np.ndarray):
@@ -203,17 +241,124 @@ class SamEngine:
     def embedding_for(self, key: Hashable, image: ImageSource | Callable[[], ImageSource]) -> Embedding:
         """The embedding of the image identified by ``key``, encoded at most once.
 
+        Looks in the memory cache, then in the store (if any), and encodes
+        only when both miss; threads of a process (memory cache) and workers
+        sharing a store (its lock) asking for the same new image encode it once.
         ``image`` may be a callable that loads the image, so that a cached
-        image is not even read.
+        image is not even read. With a store, ``key`` must be a string that
+        identifies the image's content (:func:`~sam_backend.fingerprints.image_identity`).
         """
+        computed = False
 
         def compute() -> Embedding:
-            started = time.perf_counter()
-            embedding = self.encode(image() if callable(image) else image)
-            logger.info("Encoded %s in %.2fs", key, time.perf_counter() - started)
-            return embedding
+            nonlocal computed
+            computed = True
+            self.stats.lookup("memory", hit=False)
+            if self.store is None:
+                return self._encode_logged(key, image)
+            return self._stored_or_encoded(str(key), image)
 
-        return self.embeddings.get_or_compute(key, compute)
+        embedding = self.embeddings.get_or_compute(key, compute)
+        if not computed:
+            self.stats.lookup("memory", hit=True)
+        return embedding
+
+    def ensure_stored(self, key: str, image: ImageSource | Callable[[], ImageSource]) -> bool:
+        """Put the embedding of ``key`` into the store unless it is there; True if encoded now.
+
+        For precomputing: the memory cache is left alone, and a stored entry
+        is checked but not loaded onto the device.
+
+        Raises:
+            StoreError: the engine has no store, or the entry cannot be written.
+        """
+        if self.store is None:
+            raise StoreError("This engine has no embedding store to fill.")
+        store_key = entry_key(self.fingerprint, key)
+        if self._read_store(store_key) is not None:
+            return False
+        with self.store.lock(store_key):
+            if self._read_store(store_key) is not None:
+                return False
+            embedding = self._encode_logged(key, image)
+            if not self.store.put(store_key, self._to_stored(embedding)):
+                raise StoreError(f"Could not write the embedding of {key} to {self.store.location}; see the log.")
+            return True
+
+    def _encode_logged(self, key, image) -> Embedding:
+        started = time.perf_counter()
+        embedding = self.encode(image() if callable(image) else image)
+        logger.info("Encoded %s in %.2fs", key, time.perf_counter() - started)
+        return embedding
+
+    def _stored_or_encoded(self, key: str, image) -> Embedding:
+        store_key = entry_key(self.fingerprint, key)
+        tier = getattr(self.store, "tier", "store")
+        embedding = self._load_stored(store_key)
+        if embedding is None:
+            with self.store.lock(store_key):
+                # Another worker may have encoded it while we waited for the lock.
+                embedding = self._load_stored(store_key)
+                if embedding is None:
+                    self.stats.lookup(tier, hit=False)
+                    embedding = self._encode_logged(key, image)
+                    # Keep what the store keeps (float16), so that a click gives
+                    # the same mask whichever tier serves the embedding.
+                    embedding.features = embedding.features.half().float()
+                    self._write_store(store_key, embedding)
+                    return embedding
+        self.stats.lookup(tier, hit=True)
+        logger.info("Loaded the embedding of %s from %s", key, self.store.location)
+        return embedding
+
+    def _read_store(self, store_key: str) -> StoredEmbedding | None:
+        """The stored entry if it fits this model; a misfit is dropped. Store failures count as misses."""
+        try:
+            entry = self.store.get(store_key)
+        except Exception as exc:  # a store failure must cost an encode, never the request
+            logger.warning("Embedding store %s failed to read (%s: %s); encoding instead.",
+                           self.store.location, type(exc).__name__, exc)
+            return None
+        if entry is None:
+            return None
+        expected = (*self.embedding_size, self.embedding_channels)
+        frame = Frame.for_image(entry.original_size, self.input_size)
+        if entry.features.shape != expected or entry.input_size != self.input_size or frame.resized_size != entry.resized_size:
+            logger.warning("Dropping the stored embedding %s: features %s for input %d do not fit this model (%s, %d).",
+                           store_key, entry.features.shape, entry.input_size, expected, self.input_size)
+            self._discard_store(store_key)
+            return None
+        return entry
+
+    def _load_stored(self, store_key: str) -> Embedding | None:
+        entry = self._read_store(store_key)
+        if entry is None:
+            return None
+        from keras import ops
+
+        with _device_scope(self.device):
+            features = ops.convert_to_tensor(entry.features.astype(np.float32)[None])
+        return Embedding(features=features, frame=Frame.for_image(entry.original_size, self.input_size))
+
+    def _to_stored(self, embedding: Embedding) -> StoredEmbedding:
+        import torch
+
+        features = embedding.features[0].detach().to(torch.float16).cpu().numpy()
+        frame = embedding.frame
+        return StoredEmbedding(features, tuple(frame.original_size), tuple(frame.resized_size), frame.input_size)
+
+    def _write_store(self, store_key: str, embedding: Embedding) -> None:
+        try:
+            self.store.put(store_key, self._to_stored(embedding))
+        except Exception as exc:
+            logger.warning("Embedding store %s failed to write (%s: %s); serving from memory.",
+                           self.store.location, type(exc).__name__, exc)
+
+    def _discard_store(self, store_key: str) -> None:
+        try:
+            self.store.discard(store_key)
+        except Exception as exc:
+            logger.warning("Embedding store %s failed to delete %s (%s)", self.store.location, store_key, exc)
 
     # ---------------------------------------------------------------- decode
 
@@ -260,13 +405,14 @@ class SamEngine:
 
         model_points = frame.to_model(points)
         model_box = None if box is None else frame.to_model(box.reshape(2, 2))
-        logits, iou = self.decode_batch(
-            embedding.features,
-            model_points[None],
-            labels[None],
-            None if model_box is None else model_box[None, None],
-            None if mask_input is None else mask_input[None],
-        )
+        with self.stats.decode_seconds.time():
+            logits, iou = self.decode_batch(
+                embedding.features,
+                model_points[None],
+                labels[None],
+                None if model_box is None else model_box[None, None],
+                None if mask_input is None else mask_input[None],
+            )
         logits, iou = logits[0], iou[0]
         if multimask:
             logits, iou = logits[1:], iou[1:]

@@ -43,3 +43,7 @@ class PresetLoadError(SamBackendError):
 
 class ModelNotReadyError(SamBackendError):
     """The model is still loading, or failed to load."""
+
+
+class StoreError(SamBackendError):
+    """The embedding store cannot be used (not writable, unreachable, misconfigured)."""

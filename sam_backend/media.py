@@ -83,13 +83,24 @@ class MediaFetcher:
             MediaFetchError: unreachable, refused, 404, or no credentials for a
                 Label Studio URL.
         """
-        from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path, http_session
+        from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
+            get_local_path,
+            http_session,
+            resolve_local_storage_file,
+        )
 
         if not isinstance(url, str) or not url:
             raise MediaFetchError(f"Task {task_id}: the image URL is empty.")
         credentials = credentials if credentials is not None else Credentials()
         session = _TimeoutSession(self.timeout)
         try:
+            if url.startswith("/data/") and "?d=" in url:
+                # get_local_path would copy a Local Storage file into the media
+                # cache once and return that copy ever after, hiding later edits
+                # of the file; read the file itself when it is on this host.
+                local = resolve_local_storage_file(url)
+                if local and os.path.isfile(local):
+                    return local
             token = self._bearer_token(credentials)
             with http_session(session):
                 return get_local_path(

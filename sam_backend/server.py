@@ -71,6 +71,7 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["sam_backend"] = backend
     metrics = Metrics.create()
+    metrics.watch(lambda: getattr(backend.holder.loaded_engine, "stats", None))
     app.extensions["sam_metrics"] = metrics
     auth_user = os.environ.get("BASIC_AUTH_USER")
     auth_pass = os.environ.get("BASIC_AUTH_PASS")
@@ -177,6 +178,8 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         metrics.model_loaded.set(1 if backend.holder.state == "ready" else 0)
+        if backend.holder.load_seconds is not None:
+            metrics.model_load_seconds.set(backend.holder.load_seconds)
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     return app
