@@ -7,6 +7,7 @@ background thread so that the server answers health checks at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -20,6 +21,9 @@ from sam_backend.fingerprints import image_identity
 from sam_backend.images import load_image
 from sam_backend.labelconfig import LabelConfig, parse_label_config
 from sam_backend.media import Credentials, MediaFetcher
+from sam_backend.jobs import Outcome, PredictionJobs
+from sam_backend.labelstudio import LabelStudioError, LabelStudioProject
+from sam_backend.prelabel import PrelabelSettings, predict_task_masks
 from sam_backend.presets import default_preset
 from sam_backend.refinement import RefinementMemory, prompt_signature
 from sam_backend.regions import (
@@ -27,9 +31,14 @@ from sam_backend.regions import (
     fit_mask,
     mask_to_brush_region,
     prompt_from_context,
+    prompts_from_task,
 )
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a /predict without context may take (Label Studio waits 100 s);
+#: ``SAM_PREDICT_BUDGET`` overrides it.
+DEFAULT_PREDICT_BUDGET = 60.0
 
 
 class ModelHolder:
@@ -146,6 +155,9 @@ class SamBackend:
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.projects: dict[str, ProjectSetup] = {}
         self.refinements = RefinementMemory.from_env()
+        self.jobs = PredictionJobs()
+        budget = os.environ.get("SAM_PREDICT_BUDGET")
+        self.predict_budget = float(budget) if budget else DEFAULT_PREDICT_BUDGET
         self._warmup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-warmup")
 
     @property
@@ -197,9 +209,12 @@ class SamBackend:
         """One prediction per task, in order.
 
         With a context (an annotator's smart regions) each task gets the mask
-        for those prompts. Without one, each task gets an empty result; for a
-        single task (one being opened) the image starts encoding in the
-        background so that the first click is fast.
+        for those prompts. Without one, the pre-labeling mode decides
+        (:mod:`sam_backend.prelabel`): masks from the task's own boxes, or
+        automatic ones, computed within ``predict_budget`` seconds, the rest
+        posted to Label Studio later. With nothing to compute, each task gets
+        an empty result, and a single task (one being opened) has its image
+        encoded in the background so that the first click is fast.
 
         Raises:
             BadRequestError, LabelConfigError, ImageError, MediaFetchError,
@@ -214,12 +229,7 @@ class SamBackend:
         if context is not None and not isinstance(context, dict):
             raise BadRequestError('params.context must be an object with a "result" list of regions.')
         if not context or not context.get("result"):
-            # One task without context is Label Studio opening it for an
-            # annotator: worth encoding now. A batch ("Retrieve predictions")
-            # would queue hours of CPU work behind the next click.
-            if len(tasks) == 1:
-                self._start_warmup(tasks[0], config, project)
-            return [self._prediction([], None) for _ in tasks]
+            return self._predict_without_context(tasks, config, project)
         engine = self.holder.engine()
         return [self._predict_task(engine, task, config, context, project) for task in tasks]
 
@@ -264,6 +274,83 @@ class SamBackend:
             prediction["score"] = score
         return prediction
 
+    # ------------------------------------------------------------ pre-labeling
+
+    def prelabel_settings(self, project) -> PrelabelSettings:
+        """The environment's pre-labeling settings, overridden by the project's ``extra_params``."""
+        setup = self.projects.get(_project_id(project))
+        return PrelabelSettings.from_sources(os.environ, setup.extra_params if setup else None)
+
+    def _predict_without_context(self, tasks: list, config: LabelConfig, project) -> list:
+        """Masks from each task's own boxes or automatic ones, answered within the budget.
+
+        Tasks not finished in time answer ``[]`` (no prediction, which Label
+        Studio accepts per task) and are posted to Label Studio when ready.
+        """
+        settings = self.prelabel_settings(project)
+        single = len(tasks) == 1
+        if settings.mode == "off" or (
+            settings.mode == "boxes" and not any(isinstance(t, dict) and _has_own_prompts(t, config) for t in tasks)
+        ):
+            # Nothing to compute: an opened task still gets its image encoded
+            # for the first click. A batch would queue CPU work behind clicks.
+            if single:
+                self._start_warmup(tasks[0], config, project)
+            return [self._prediction([], None) for _ in tasks]
+        engine = self.holder.engine()
+        items, outcomes = [], []
+        for task in tasks:
+            try:
+                url, task_id = _image_url(task, config)
+            except BadRequestError as exc:
+                outcomes.append(Outcome(error=exc))
+                continue
+            if settings.mode == "boxes" and not _has_own_prompts(task, config):
+                outcomes.append(Outcome(prediction=self._prediction([], None)))
+                continue
+            task_project = _project_id(task.get("project") or project)
+            compute = functools.partial(self._prelabel_task, engine, task, url, config, settings, project)
+            deliver = functools.partial(self._post_prediction, task_id, task_project)
+            items.append(((task_project, task_id, self.model_version, settings), compute, deliver))
+            outcomes.append(None)
+        started = time.monotonic()
+        computed = iter(self.jobs.run(items, self.predict_budget))
+        outcomes = [o if o is not None else next(computed) for o in outcomes]
+        answers = []
+        for task, outcome in zip(tasks, outcomes):
+            if outcome.error is not None:
+                if single:
+                    raise outcome.error
+                task_id = task.get("id") if isinstance(task, dict) else None
+                logger.warning("Task %s: no prediction: %s", task_id, outcome.error)
+            answers.append(outcome.prediction if outcome.prediction is not None else [])
+        pending = sum(o.pending for o in outcomes)
+        if pending:
+            logger.info(
+                "/predict: %d of %d task(s) done in %.1fs (budget %.0fs); %d continue in the background "
+                "and are posted to Label Studio when ready",
+                len(tasks) - pending, len(tasks), time.monotonic() - started, self.predict_budget, pending,
+            )
+        return answers
+
+    def _prelabel_task(self, engine, task: dict, url: str, config: LabelConfig, settings: PrelabelSettings, project) -> dict:
+        embedding = self._embedding(engine, url, task.get("id"), project or task.get("project"))
+        found = predict_task_masks(engine, embedding, task, config, settings)
+        logger.info("Task %s: %d mask(s) from %s", task.get("id"), len(found.regions), found.source)
+        return self._prediction(found.regions, found.score)
+
+    def _post_prediction(self, task_id, project: str, prediction: dict) -> None:
+        """Post a prediction finished after the request's budget to Label Studio."""
+        credentials = self.credentials_for(project)
+        if not (credentials.hostname and credentials.token and project):
+            raise LabelStudioError(
+                f"no Label Studio URL and token to post task {task_id}'s prediction: set LABEL_STUDIO_URL and "
+                "LABEL_STUDIO_API_KEY, or retrieve predictions again, or run sam-backend preannotate"
+            )
+        client = LabelStudioProject(credentials.hostname, credentials.token, int(project))
+        client.create_predictions([{"task": task_id, **prediction}])
+        logger.info("Task %s: prediction posted to Label Studio after the request's budget", task_id)
+
     def _start_warmup(self, task, config: LabelConfig, project) -> None:
         """Encode the task's image in the background (best effort) so the first click is fast."""
         if self.holder.state != "ready" or not isinstance(task, dict):
@@ -282,6 +369,14 @@ class SamBackend:
                 logger.exception("Warm-up of task %s failed", task_id)
 
         self._warmup.submit(warm)
+
+
+def _has_own_prompts(task: dict, config: LabelConfig) -> bool:
+    """Whether the task has boxes or keypoints to start from (sizes do not matter for that)."""
+    try:
+        return bool(prompts_from_task(task, config, (1, 1)))
+    except SamBackendError:
+        return True  # computing it reports the error for this task
 
 
 def _project_id(project) -> str:

@@ -1,0 +1,104 @@
+"""A small Label Studio API on loopback, for the parts label-studio-sdk calls.
+
+It serves what ``sam_backend.labelstudio`` and ``MediaFetcher`` use: a project
+with its label config, paged ``/api/tasks`` (with predictions), prediction
+import and deletion, and uploaded files under ``/data/upload/``. Answers
+follow Label Studio 1.23's shapes (a 404 for the page after the last one, a
+401 without the token). The real server is exercised in ``tests/e2e``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+
+from flask import Flask, abort, jsonify, request, send_from_directory
+from werkzeug.serving import make_server
+
+
+class FakeLabelStudio:
+    """Projects, tasks and predictions in memory, served on ``self.url``.
+
+    Attributes:
+        tasks: ``{project: [task, ...]}``; each task's ``predictions`` grow as they are posted.
+        fail_imports: the next N prediction imports answer 503 (the SDK retries them).
+        requests: ``(method, path)`` of every request.
+    """
+
+    def __init__(self, files: Path, token: str = "ls-token", label_config: str = ""):
+        self.files, self.token, self.label_config = Path(files), token, label_config
+        self.tasks: dict[int, list[dict]] = {}
+        self.fail_imports = 0
+        self.requests: list[tuple[str, str]] = []
+        self._ids = itertools.count(1000)
+        self._lock = threading.Lock()
+        app = Flask("fake_labelstudio")
+
+        @app.before_request
+        def check_token():
+            self.requests.append((request.method, request.path))
+            if request.headers.get("Authorization") != f"Token {self.token}":
+                return jsonify(detail="Authentication credentials were not provided."), 401
+            return None
+
+        @app.get("/api/projects/<int:project>/")
+        @app.get("/api/projects/<int:project>")
+        def project_detail(project):
+            if project not in self.tasks:
+                abort(404)
+            return jsonify(id=project, title=f"project {project}", label_config=self.label_config)
+
+        @app.get("/api/tasks/")
+        @app.get("/api/tasks")
+        def list_tasks():
+            project = int(request.args["project"])
+            page, size = int(request.args.get("page", 1)), int(request.args.get("page_size", 100))
+            tasks = self.tasks.get(project, [])
+            chunk = tasks[(page - 1) * size : page * size]
+            if page > 1 and not chunk:
+                return jsonify(detail="Invalid page."), 404
+            return jsonify(tasks=chunk, total=len(tasks), total_annotations=0,
+                           total_predictions=sum(len(t["predictions"]) for t in tasks))
+
+        @app.post("/api/projects/<int:project>/import/predictions")
+        def import_predictions(project):
+            with self._lock:
+                if self.fail_imports > 0:
+                    self.fail_imports -= 1
+                    return jsonify(detail="busy"), 503
+                by_id = {t["id"]: t for t in self.tasks.get(project, [])}
+                for item in request.get_json():
+                    prediction = {"id": next(self._ids), "project": project, **item}
+                    by_id[item["task"]]["predictions"].append(prediction)
+            return jsonify(created=len(request.get_json())), 201
+
+        @app.delete("/api/predictions/<int:prediction>/")
+        @app.delete("/api/predictions/<int:prediction>")
+        def delete_prediction(prediction):
+            with self._lock:
+                for task in itertools.chain(*self.tasks.values()):
+                    task["predictions"] = [p for p in task["predictions"] if p["id"] != prediction]
+            return "", 204
+
+        @app.get("/data/upload/<path:name>")
+        def upload(name):
+            return send_from_directory(self.files, name)
+
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def add_task(self, project: int, image: str, **fields) -> dict:
+        """A task whose image is ``/data/upload/<image>``."""
+        task = {"id": next(self._ids), "project": project, "data": {"image": f"/data/upload/{image}"},
+                "annotations": [], "predictions": [], **fields}
+        self.tasks.setdefault(project, []).append(task)
+        return task
+
+    def predictions(self, project: int) -> list[dict]:
+        """Every prediction of the project."""
+        return [p for t in self.tasks.get(project, []) for p in t["predictions"]]
+
+    def close(self) -> None:
+        self._server.shutdown()
