@@ -396,3 +396,26 @@ def test_preset_directory_engines_share_entries(tiny_preset_dir, tmp_path, rng):
     second = SamEngine.from_preset(str(tiny_preset_dir), store=DiskStore(tmp_path, 1 << 30))
     second.embedding_for("img-1", image)
     assert (first.encoder_calls, second.encoder_calls) == (1, 0)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cache_command_stats_and_clear(tmp_path, capsys, monkeypatch):
+    import json
+
+    from sam_backend.cli import main
+
+    monkeypatch.delenv("SAM_CACHE_URL", raising=False)
+    store = DiskStore(tmp_path, 1 << 20)
+    store.put(key("a"), entry())
+    assert main(["cache", "stats", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path} (disk): 1 embedding(s)" in out and "preset ab12cd34ef56ab78: 1 embedding(s)" in out
+    assert main(["cache", "stats", "--cache-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 1
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
+    assert store.stats().entries == 0
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["cache", "stats", "--cache-dir", str(blocker / "store")]) == 2
