@@ -89,6 +89,7 @@ class ModelHolder:
             self.state = "failed"
             logger.error("Model %s failed to load: %s", self.preset, self.error)
         else:
+            _warm_up(engine)
             self._engine = engine
             self.load_seconds = time.perf_counter() - started
             self.state = "ready"
@@ -377,6 +378,21 @@ def _has_own_prompts(task: dict, config: LabelConfig) -> bool:
         return bool(prompts_from_task(task, config, (1, 1)))
     except SamBackendError:
         return True  # computing it reports the error for this task
+
+
+def _warm_up(engine) -> None:
+    """Pay the one-time costs of a click (imports, torch's first calls) at load, not at the first click."""
+    started = time.perf_counter()
+    try:
+        import label_studio_sdk.converter.brush  # noqa: F401  (the RLE of every mask)
+        import label_studio_sdk.label_interface  # noqa: F401  (label config parsing)
+
+        warm_up = getattr(engine, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+    except Exception:  # a failed warm-up costs the first click some time, nothing more
+        logger.exception("Warm-up after loading failed")
+    logger.info("Warmed up in %.2fs", time.perf_counter() - started)
 
 
 def _project_id(project) -> str:

@@ -208,6 +208,18 @@ class SamEngine:
         with _device_scope(self.device):
             return str(keras.ops.convert_to_tensor(0.0).device)
 
+    def warm_up(self) -> None:
+        """Decode once on a blank embedding, so that the first click does not pay torch's first-call costs."""
+        from keras import ops
+
+        size = self.input_size
+        with _device_scope(self.device):
+            features = ops.convert_to_tensor(np.zeros((1, *self.embedding_size, self.embedding_channels), np.float32))
+        frame = Frame.for_image((size, size), size)
+        points = frame.to_model(np.array([[size / 2, size / 2]], np.float32))
+        logits, _ = self.decode_batch(features, points[None], np.ones((1, 1), np.float32))
+        postprocess_logits(logits[0, :1], frame)
+
     # ---------------------------------------------------------------- encode
 
     def encode(self, image: ImageSource) -> Embedding:

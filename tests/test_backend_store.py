@@ -168,3 +168,15 @@ def test_a_server_without_a_usable_store_still_answers(tiny_preset_dir, tmp_path
     assert "memory only" in caplog.text
     backend = SamBackend(holder=holder, fetcher=MediaFetcher(cache_dir=str(tmp_path / "media")), credentials=Credentials())
     assert click(create_app(backend).test_client(), media.url + "/img.png", [keypoint(25, 50)])["result"]
+
+
+def test_loading_pays_the_first_clicks_one_time_costs(engine, caplog):
+    import logging
+
+    from sam_backend.backend import ModelHolder
+
+    with caplog.at_level(logging.INFO, logger="sam_backend"):
+        holder = ModelHolder("tiny", loader=lambda preset: engine).start()
+        assert holder.wait(60) and holder.state == "ready"
+    assert "Warmed up" in caplog.text and "Warm-up after loading failed" not in caplog.text
+    assert engine.stats.decode_seconds._sum.get() == 0  # not counted as a click
