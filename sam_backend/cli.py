@@ -47,7 +47,53 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", default=None, help="the store directory (default as for serve)")
     cache.add_argument("--json", action="store_true", help="stats as JSON")
     cache.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING...")
+
+    precompute = commands.add_parser("precompute", help="encode every task image of a Label Studio project into "
+                                     "the embedding store (resumable)")
+    precompute.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"),
+                            help="Label Studio's address (default LABEL_STUDIO_URL)")
+    precompute.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                            help="a personal access token (default LABEL_STUDIO_API_KEY)")
+    precompute.add_argument("--project", type=int, required=True, help="project id")
+    precompute.add_argument("--preset", default=None, help="SAM preset (default SAM_PRESET, else sam_base_sa1b); "
+                            "the server must use the same one to find the embeddings")
+    precompute.add_argument("--view", type=int, default=None, help="only the tasks of this data manager view (tab) id")
+    precompute.add_argument("--cache-dir", default=None, help="the store to fill (default as for serve)")
+    precompute.add_argument("--data-key", default=None,
+                            help="task data field with the image URL (default: from the project's label config)")
+    precompute.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1 (default SAM_DEVICE, "
+                            "else CUDA when present)")
+    precompute.add_argument("--fetch-threads", type=int, default=4, help="parallel image downloads (default 4)")
+    precompute.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    precompute.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"), help="DEBUG, INFO, WARNING...")
     return parser
+
+
+def precompute_command(args: argparse.Namespace) -> int:
+    """``sam-backend precompute``: see :mod:`sam_backend.precompute`."""
+    from sam_backend.engine import SamEngine
+    from sam_backend.errors import SamBackendError
+    from sam_backend.labelstudio import LabelStudioProject
+    from sam_backend.media import Credentials
+    from sam_backend.precompute import Precomputer, image_data_key
+    from sam_backend.store import open_store
+
+    try:
+        project = LabelStudioProject(args.url, args.api_key, args.project)
+        # Check Label Studio and the store before the model loads (a minute for a large preset).
+        data_key = args.data_key or image_data_key(project.label_config())
+        store = open_store(cache_dir=args.cache_dir, required=True)
+        engine = SamEngine.from_preset(args.preset or default_preset(), device=args.device, store=store)
+        sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {engine.preset} "
+                         f"on {engine.device_name} into {store.location}\n")
+        summary = Precomputer(engine, project, Credentials(args.url, args.api_key), view=args.view,
+                              data_key=data_key, fetch_threads=args.fetch_threads,
+                              progress=not args.no_progress).run()
+    except SamBackendError as exc:
+        logger.error("%s", exc)
+        return 2
+    sys.stdout.write("\n".join(summary.lines()) + "\n")
+    return summary.exit_code
 
 
 def _size(n: float) -> str:
@@ -144,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         return healthcheck(args)
     if args.command == "cache":
         return cache_command(args)
+    if args.command == "precompute":
+        return precompute_command(args)
     serve(args)
     return 0
 
