@@ -25,10 +25,16 @@ from scenes import SceneImage, build_images  # noqa: E402
 DEMO_PRESET = "demo"
 
 
+#: What the run took, reported at the end (pytest hides fixture output of passing tests).
+TIMINGS: dict[str, float] = {}
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     path = artifacts_dir()
-    print(f"\ne2e artifacts (screenshots, server logs): {path}")
+    # No stale screenshot from an earlier run may pass for this run's.
+    for old in [*path.glob("ui-*.png"), *path.glob("ui-*.html")]:
+        old.unlink()
     return path
 
 
@@ -41,7 +47,7 @@ def label_studio(tmp_path_factory, artifacts) -> LabelStudio:
     log.write_text("")
     started = time.monotonic()
     ls = LabelStudio.launch(venv, data_dir, log)
-    print(f"\nLabel Studio {ls.url} started in {time.monotonic() - started:.0f}s (log: {log})")
+    TIMINGS["Label Studio start (migrations, user, token)"] = time.monotonic() - started
     yield ls
     ls.stop()
 
@@ -53,7 +59,7 @@ def backend(label_studio, tmp_path_factory, artifacts) -> Backend:
     log.write_text("")
     started = time.monotonic()
     served = Backend.launch(DEMO_PRESET, label_studio, tmp_path_factory.mktemp("sam-backend"), log)
-    print(f"\nsam-backend {served.url} ready in {time.monotonic() - started:.0f}s (log: {log})")
+    TIMINGS["sam-backend serve --preset demo, until ready"] = time.monotonic() - started
     yield served
     served.stop()
 
@@ -74,3 +80,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_sep("-", "e2e artifacts")
     for item in sorted(path.iterdir()):
         terminalreporter.write_line(str(item))
+    for what, seconds in TIMINGS.items():
+        terminalreporter.write_line(f"{what}: {seconds:.0f} s")

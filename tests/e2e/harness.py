@@ -7,6 +7,7 @@ threads), with its log kept under the artifacts directory for post-mortems.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -77,7 +78,7 @@ class ServerProcess:
         handle.flush()
         self.process = subprocess.Popen(
             self.argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
         )
         handle.close()
         return self
@@ -111,6 +112,14 @@ class ServerProcess:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the test process dies without its finalizers (SIGKILL, OOM)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
 
 
 def wait_for(predicate, timeout: float, what: str, server: ServerProcess | None = None, interval: float = 0.5):
@@ -284,15 +293,14 @@ class Backend:
         exe = shutil.which("sam-backend", path=str(Path(sys.executable).parent)) or shutil.which("sam-backend")
         if not exe:
             raise E2EError("no sam-backend command: install the package (pip install -e '.[test,e2e]')")
-        env = dict(
-            os.environ,
-            LABEL_STUDIO_URL=ls.url,
-            LABEL_STUDIO_API_KEY=ls.personal_token,
-            MODEL_DIR=str(workdir),
-            LOG_LEVEL="INFO",
-        )
-        for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "SAM_DEVICE"):
-            env.pop(name, None)
+        # The defaults a user gets: none of the developer's own settings (SAM_CACHE_DIR, basic auth...).
+        env = {
+            name: value for name, value in os.environ.items()
+            if not name.startswith(("SAM_", "BASIC_AUTH_", "LABEL_STUDIO_"))
+            and name not in ("WORKERS", "THREADS", "PORT", "HOST", "MODEL_DIR")
+        }
+        env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.personal_token,
+                   MODEL_DIR=str(workdir), LOG_LEVEL="INFO")
         argv = [exe, "serve", "--preset", preset, "--host", "127.0.0.1", "--port", str(port),
                 "--workers", "1", "--threads", "4"]
         backend = cls(ServerProcess("sam-backend", argv, env, log), port)
