@@ -273,7 +273,16 @@ class SamEngine:
         embedding = self.embeddings.get_or_compute(key, compute)
         if not computed:
             self.stats.lookup("memory", hit=True)
+            if self.store is not None:
+                self._touch_store(str(key))
         return embedding
+
+    def _touch_store(self, key: str) -> None:
+        """Tell the store that its entry is in use, so that its LRU does not evict an image served from memory."""
+        try:
+            self.store.touch(entry_key(self.fingerprint, key))
+        except Exception as exc:
+            logger.debug("Embedding store %s failed to touch %s: %s", self.store.location, key, exc)
 
     def ensure_stored(self, key: str, image: ImageSource | Callable[[], ImageSource]) -> bool:
         """Put the embedding of ``key`` into the store unless it is there; True if encoded now.

@@ -172,6 +172,9 @@ class EmbeddingStore(Protocol):
     def discard(self, key: str) -> None:
         """Delete the entry if present."""
 
+    def touch(self, key: str) -> None:
+        """Mark the entry as just used (it was served from a worker's memory)."""
+
     def lock(self, key: str) -> contextlib.AbstractContextManager:
         """Exclusive, cross-process lock of ``key`` while its entry is computed."""
 
@@ -301,6 +304,10 @@ class DiskStore:
     def discard(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
+
+    def touch(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self._path(key))
 
     # -------------------------------------------------------------- budget
 

@@ -419,3 +419,12 @@ def test_cache_command_stats_and_clear(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert main(["cache", "stats", "--cache-dir", str(blocker / "store")]) == 2
+
+
+def test_an_image_served_from_memory_stays_recent_on_disk(counted, tmp_path, rng):
+    engine = counted(tmp_path)
+    engine.embedding_for("img-1", random_image(rng, 90, 200))
+    (path,) = entry_files(tmp_path)
+    os.utime(path, (time.time() - 1000,) * 2)
+    engine.embedding_for("img-1", None)  # a memory hit
+    assert time.time() - path.stat().st_mtime < 100
