@@ -7,7 +7,9 @@ threads), with its log kept under the artifacts directory for post-mortems.
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -158,8 +160,12 @@ class LabelStudio:
     def launch(cls, venv: Path, data_dir: Path, log: Path) -> "LabelStudio":
         port = free_port()
         email, password = "e2e@example.com", "e2e-Password-1234"
-        env = dict(
-            os.environ,
+        # Label Studio reads LABEL_STUDIO_*, DJANGO_* and more from the environment: none of the developer's.
+        env = {
+            name: value for name, value in os.environ.items()
+            if not name.startswith(("LABEL_STUDIO_", "DJANGO_", "SAM_", "KERAS_"))
+        }
+        env.update(
             LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
             # Some of its files go under ~/.local/share whatever the data dir: keep them in the temp dir too.
             HOME=str(data_dir),
@@ -221,8 +227,11 @@ class LabelStudio:
             return self._access[0]
         response = requests.post(self.url + "/api/token/refresh/", json={"refresh": self.personal_token}, timeout=30)
         response.raise_for_status()
-        self._access = (response.json()["access"], time.time() + 240)
-        return self._access[0]
+        access = response.json()["access"]
+        payload = access.split(".")[1]
+        expires = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+        self._access = (access, float(expires))
+        return access
 
     def api(self, method: str, path: str, expect: int | tuple[int, ...] | None = (200, 201, 204), **kwargs):
         """Call Label Studio's API with ``Authorization: Bearer``; check the status unless ``expect`` is None."""
