@@ -334,6 +334,24 @@ class SamBackend:
             )
         return answers
 
+    def prelabel(self, task: dict, config: LabelConfig, settings: PrelabelSettings, project=None) -> dict:
+        """The prediction for one task without a click, computed now (``sam-backend preannotate``).
+
+        Raises:
+            SamBackendError: the task's image cannot be fetched or read, a region is malformed...
+        """
+        url, _ = _image_url(task, config)
+        return self._prelabel_task(self.holder.engine(), task, url, config, settings, project)
+
+    def encode_tasks(self, engine, tasks: list[dict], config: LabelConfig, project=None) -> None:
+        """Fetch the tasks' images and encode those not cached in one encoder call (GPU batches)."""
+        items = []
+        for task in tasks:
+            url, task_id = _image_url(task, config)
+            path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project or task.get("project")))
+            items.append((_image_key(url, path, task_id), _image_loader(path, url, task_id)))
+        engine.embeddings_for_many(items)
+
     def _prelabel_task(self, engine, task: dict, url: str, config: LabelConfig, settings: PrelabelSettings, project) -> dict:
         embedding = self._embedding(engine, url, task.get("id"), project or task.get("project"))
         found = predict_task_masks(engine, embedding, task, config, settings)

@@ -66,7 +66,57 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.add_argument("--fetch-threads", type=int, default=4, help="parallel image downloads (default 4)")
     precompute.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     precompute.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"), help="DEBUG, INFO, WARNING...")
+
+    pre = commands.add_parser("preannotate", help="masks for every task of a Label Studio project (resumable)")
+    pre.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio's address (default LABEL_STUDIO_URL)")
+    pre.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                     help="a personal access token (default LABEL_STUDIO_API_KEY)")
+    pre.add_argument("--project", type=int, required=True, help="project id")
+    pre.add_argument("--preset", default=None, help="SAM preset (default SAM_PRESET, else sam_base_sa1b); "
+                     "the model version of the predictions follows it")
+    pre.add_argument("--mode", default=None, choices=("boxes", "auto", "boxes-then-auto"),
+                     help="where prompts come from (default SAM_PRELABEL, else boxes)")
+    pre.add_argument("--view", type=int, default=None, help="only the tasks of this data manager view (tab) id")
+    pre.add_argument("--limit", type=int, default=None, help="stop after this many tasks")
+    pre.add_argument("--overwrite", action="store_true", help="recompute tasks that have our prediction and replace it")
+    pre.add_argument("--dry-run", action="store_true", help="compute, but upload nothing")
+    pre.add_argument("--batch-size", type=int, default=16, help="tasks per upload, and per encoder call on a GPU (default 16)")
+    pre.add_argument("--cache-dir", default=None, help="embedding store to use and fill (default as for serve)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    pre.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"), help="DEBUG, INFO, WARNING...")
     return parser
+
+
+def preannotate_command(args: argparse.Namespace) -> int:
+    """``sam-backend preannotate``: see :mod:`sam_backend.preannotate`."""
+    from sam_backend.backend import ModelHolder, SamBackend
+    from sam_backend.errors import SamBackendError
+    from sam_backend.labelstudio import LabelStudioProject
+    from sam_backend.media import Credentials
+    from sam_backend.preannotate import Preannotator
+    from sam_backend.prelabel import PrelabelSettings
+
+    if args.cache_dir:
+        os.environ["SAM_CACHE_DIR"] = args.cache_dir
+    try:
+        settings = PrelabelSettings.from_sources(os.environ, {"prelabel": args.mode} if args.mode else None)
+        if settings.mode == "off":
+            settings = PrelabelSettings(mode="boxes", auto=settings.auto, auto_label=settings.auto_label)
+        project = LabelStudioProject(args.url, args.api_key, args.project)
+        holder = ModelHolder(args.preset or default_preset()).start()
+        holder.wait()
+        holder.engine()  # the load error, if any, ends the run here
+        backend = SamBackend(holder=holder, credentials=Credentials(args.url, args.api_key))
+        sys.stderr.write(f"Pre-annotating project {args.project} at {args.url} with {backend.model_version} "
+                         f"(mode {settings.mode}{', dry run' if args.dry_run else ''})\n")
+        runner = Preannotator(backend, project, settings, view=args.view, limit=args.limit, overwrite=args.overwrite,
+                              dry_run=args.dry_run, batch_size=args.batch_size, progress=not args.no_progress)
+        summary = runner.run()
+    except SamBackendError as exc:
+        logger.error("%s", exc)
+        return 2
+    sys.stdout.write("\n".join(summary.lines(args.dry_run)) + "\n")
+    return summary.exit_code
 
 
 def precompute_command(args: argparse.Namespace) -> int:
@@ -188,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(args, "log_level", None))
     if args.command == "healthcheck":
         return healthcheck(args)
+    if args.command == "preannotate":
+        return preannotate_command(args)
     if args.command == "cache":
         return cache_command(args)
     if args.command == "precompute":

@@ -284,6 +284,37 @@ class SamEngine:
         except Exception as exc:
             logger.debug("Embedding store %s failed to touch %s: %s", self.store.location, key, exc)
 
+    def embeddings_for_many(self, items: list[tuple[Hashable, ImageSource | Callable[[], ImageSource]]]) -> list[Embedding]:
+        """:meth:`embedding_for` for several images, encoding those no tier has in one encoder call.
+
+        On a GPU a batch of images costs little more than one; on a CPU it
+        costs the same as one by one. Results are in the order of ``items``.
+        """
+        results: list[Embedding | None] = [self.embeddings.get(key) for key, _ in items]
+        for index, (key, _) in enumerate(items):
+            if results[index] is None and self.store is not None:
+                results[index] = self._load_stored(entry_key(self.fingerprint, str(key)))
+                if results[index] is not None:
+                    self.embeddings.put(key, results[index])
+        missing = [i for i, result in enumerate(results) if result is None]
+        if missing:
+            images = []
+            for i in missing:
+                image = items[i][1]
+                image = image() if callable(image) else image
+                images.append(image if _is_rgb_uint8(image) else load_image(image))
+            started = time.perf_counter()
+            features = self.encode_batch(np.stack([preprocess(rgb, self.input_size) for rgb in images]))
+            logger.info("Encoded %d image(s) in one batch in %.2fs", len(missing), time.perf_counter() - started)
+            for j, (i, rgb) in enumerate(zip(missing, images)):
+                embedding = Embedding(features[j : j + 1], Frame.for_image(rgb.shape[:2], self.input_size))
+                if self.store is not None:
+                    embedding.features = embedding.features.half().float()  # what the store keeps
+                    self._write_store(entry_key(self.fingerprint, str(items[i][0])), embedding)
+                self.embeddings.put(items[i][0], embedding)
+                results[i] = embedding
+        return results
+
     def ensure_stored(self, key: str, image: ImageSource | Callable[[], ImageSource]) -> bool:
         """Put the embedding of ``key`` into the store unless it is there; True if encoded now.
 
@@ -447,6 +478,26 @@ class SamEngine:
             frame=frame,
             _logits_tensor=logits,
         )
+
+    def decode_boxes(self, embedding: Embedding, boxes) -> list[Prediction]:
+        """SAM's single mask for each of several boxes, decoded in one call.
+
+        For pre-annotating a detector's boxes: one decoder call instead of one
+        per box. Each box is validated as in :meth:`decode`.
+        """
+        frame = embedding.frame
+        checked = [validate_prompt(None, None, box, frame.original_size)[2] for box in boxes]
+        if not checked:
+            return []
+        model_boxes = np.stack([frame.to_model(box.reshape(2, 2)) for box in checked])[:, None]
+        empty_points = np.zeros((len(checked), 0, 2), np.float32)
+        logits, iou = self.decode_batch(embedding.features, empty_points, np.zeros((len(checked), 0), np.float32), model_boxes)
+        logits, iou = logits[:, :1], iou[:, :1]
+        return [
+            Prediction(scores=iou[i].cpu().numpy(), low_res_logits=logits[i].cpu().numpy(), frame=frame,
+                       _logits_tensor=logits[i])
+            for i in range(len(checked))
+        ]
 
     def decode_batch(self, features, points: np.ndarray, labels: np.ndarray, boxes=None, mask_inputs=None):
         """Prompt encoder and mask decoder for a batch of prompts on one embedding.

@@ -109,9 +109,12 @@ def predict_task_masks(engine, embedding, task: dict, config: LabelConfig, setti
     if settings.mode in ("boxes", "boxes-then-auto"):
         prompts = prompts_from_task(task, config, size)
         if prompts:
+            # Boxes alone (a detector's) are decoded together; prompts with points one by one.
+            boxes_only = [p for p in prompts if p.box is not None and not p.points]
+            batched = dict(zip(map(id, boxes_only), engine.decode_boxes(embedding, [p.box for p in boxes_only])))
             regions = []
             for prompt in prompts:
-                prediction = engine.decode(
+                prediction = batched.get(id(prompt)) or engine.decode(
                     embedding, points=prompt.points or None, labels=prompt.labels or None, box=prompt.box
                 )
                 mask = fit_mask(prediction.mask, prompt.original_width, prompt.original_height)

@@ -85,6 +85,11 @@ class FakeLabelStudio:
         def upload(name):
             return send_from_directory(self.files, name)
 
+        @app.get("/storage-data/uploaded/")
+        def uploaded():
+            # Label Studio 1.23's address for uploads; /data/upload/ is the older one.
+            return send_from_directory(self.files, request.args["filepath"].removeprefix("upload/"))
+
         self._server = make_server("127.0.0.1", 0, app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()

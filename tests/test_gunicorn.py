@@ -69,7 +69,13 @@ def test_gunicorn_serves_masks_with_auth(served, media, rng):
 
     body = predict_body(media.url + "/img.png", [keypoint(25, 50)])
     for _ in range(4):  # both workers (each loaded its own model) answer
+        deadline = time.time() + 180
         response = requests.post(url + "/predict", json=body, auth=("u", "p"), timeout=100)
+        while response.status_code == 503 and time.time() < deadline:
+            # /health answered from one worker; the other may still be loading.
+            assert response.headers["Retry-After"]
+            time.sleep(0.5)
+            response = requests.post(url + "/predict", json=body, auth=("u", "p"), timeout=100)
         assert response.status_code == 200, response.text
         (region,) = response.json()["results"][0]["result"]
         assert decode_brush(region).shape == (90, 200)

@@ -207,3 +207,13 @@ def test_boxes_then_auto_falls_back_to_automatic_masks(demo, four_shapes):
     assert {r["value"]["brushlabels"][0] for r in found.regions} == {"Cat"}
     assert predict_task_masks(demo, embedding, {"id": 2}, CONFIG, PrelabelSettings(mode="boxes")).regions == []
     assert predict_task_masks(demo, embedding, {"id": 2}, CONFIG, PrelabelSettings(mode="off")).regions == []
+
+
+def test_boxes_decoded_together_equal_boxes_decoded_one_by_one(demo, four_shapes):
+    embedding = demo.encode(four_shapes.image)
+    boxes = [bounding_box(m) for m in four_shapes.masks]
+    together = demo.decode_boxes(embedding, boxes)
+    for box, prediction in zip(boxes, together):
+        alone = demo.decode(embedding, box=box)
+        assert np.allclose(prediction.low_res_logits, alone.low_res_logits, atol=1e-4)
+        assert abs(prediction.score - alone.score) < 1e-4 and (prediction.mask == alone.mask).all()
