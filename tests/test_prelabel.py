@@ -217,3 +217,24 @@ def test_boxes_decoded_together_equal_boxes_decoded_one_by_one(demo, four_shapes
         alone = demo.decode(embedding, box=box)
         assert np.allclose(prediction.low_res_logits, alone.low_res_logits, atol=1e-4)
         assert abs(prediction.score - alone.score) < 1e-4 and (prediction.mask == alone.mask).all()
+
+
+def test_images_encoded_together_equal_images_encoded_one_by_one(tiny_segmenter, tmp_path, rng):
+    from conftest import random_image
+    from sam_backend.engine import SamEngine
+    from sam_backend.store import open_store
+
+    engine = SamEngine(tiny_segmenter, preset="tiny", store=open_store(cache_dir=str(tmp_path / "store")))
+    images = [random_image(rng, 60, 100), random_image(rng, 120, 80), random_image(rng, 64, 64)]
+    engine.embedding_for("b", images[1])
+    calls = engine.encoder_calls
+    together = engine.embeddings_for_many([("a", images[0]), ("b", images[1]), ("c", lambda: images[2])])
+    assert engine.encoder_calls == calls + 1  # "b" was cached; "a" and "c" in one call
+    for key, image, embedding in zip("abc", images, together):
+        alone = SamEngine(tiny_segmenter, preset="tiny").encode(image)
+        assert embedding.frame == alone.frame
+        assert np.allclose(embedding.features.cpu().numpy(), alone.features.cpu().numpy(), atol=2e-2)
+        assert engine.embedding_for(key, image) is embedding  # now in memory
+    engine.embeddings.clear()
+    engine.embeddings_for_many([("a", images[0]), ("c", images[2])])
+    assert engine.encoder_calls == calls + 1  # the store kept them
