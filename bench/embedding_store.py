@@ -179,6 +179,10 @@ def main() -> None:
         print(f"{workers:>7} {r['load']:>10.1f}s {r['cold'] * 1000:>9.0f}ms {warm * 1000:>10.0f}ms "
               f"{max(r['warm']) * 1000:>7.0f}ms {r['restart'][0] * 1000:>16.0f}ms {med(r['restart'][1:]) * 1000:>19.0f}ms "
               f"{r['cold'] / warm:>11.0f}x")
+    print("\nevery click, in order (ms):")
+    for workers, r in results.items():
+        print(f"  {workers} worker(s): cold {r['cold'] * 1000:.0f} | warm " + " ".join(f"{t * 1000:.0f}" for t in r["warm"])
+              + " | after restart " + " ".join(f"{t * 1000:.0f}" for t in r["restart"]))
     sizes = {round(r["entry_bytes"]) for r in results.values()}
     print(f"\nstore size per image: {', '.join(f'{s:,} bytes ({s / 2**20:.2f} MiB)' for s in sizes)}")
 
