@@ -291,9 +291,12 @@ class SamEngine:
         costs the same as one by one. Results are in the order of ``items``.
         """
         results: list[Embedding | None] = [self.embeddings.get(key) for key, _ in items]
+        tier = getattr(self.store, "tier", "store")
         for index, (key, _) in enumerate(items):
+            self.stats.lookup("memory", hit=results[index] is not None)
             if results[index] is None and self.store is not None:
                 results[index] = self._load_stored(entry_key(self.fingerprint, str(key)))
+                self.stats.lookup(tier, hit=results[index] is not None)
                 if results[index] is not None:
                     self.embeddings.put(key, results[index])
         missing = [i for i, result in enumerate(results) if result is None]
@@ -304,7 +307,12 @@ class SamEngine:
                 image = image() if callable(image) else image
                 images.append(image if _is_rgb_uint8(image) else load_image(image))
             started = time.perf_counter()
-            features = self.encode_batch(np.stack([preprocess(rgb, self.input_size) for rgb in images]))
+            self.stats.in_flight.inc(len(missing))
+            try:
+                with self.stats.encode_seconds.time():
+                    features = self.encode_batch(np.stack([preprocess(rgb, self.input_size) for rgb in images]))
+            finally:
+                self.stats.in_flight.dec(len(missing))
             logger.info("Encoded %d image(s) in one batch in %.2fs", len(missing), time.perf_counter() - started)
             for j, (i, rgb) in enumerate(zip(missing, images)):
                 embedding = Embedding(features[j : j + 1], Frame.for_image(rgb.shape[:2], self.input_size))

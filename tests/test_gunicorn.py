@@ -50,7 +50,7 @@ def wait_ready(url, process, log, timeout=180):
             states.add(body["model_state"])
             if body["model_state"] == "ready":
                 return states
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # starting, or a loaded machine
             pass
         time.sleep(0.2)
     pytest.fail("the server did not become ready:\n" + open(log.name).read())
