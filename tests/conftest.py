@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -21,6 +23,15 @@ def build_tiny_segmenter(input_size: int = TINY_INPUT, seed: int = 0):
         window_size=4, global_layers=(1,), embed_dim=8, decoder_heads=2, decoder_mlp=16,
     )
     return build_sam(tiny, seed)
+
+
+@pytest.fixture(autouse=True)
+def _keep_log_levels():
+    """The CLI's logging set-up (``--log-level``) must not silence later tests' ``caplog``."""
+    logger = logging.getLogger("sam_backend")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")
