@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -102,7 +105,7 @@ class MediaFetcher:
                 if local and os.path.isfile(local):
                     return local
             token = self._bearer_token(credentials)
-            with http_session(session):
+            with http_session(session), self._download_lock(url):
                 return get_local_path(
                     url,
                     cache_dir=self.cache_dir,
@@ -134,6 +137,24 @@ class MediaFetcher:
             raise MediaFetchError(f"Task {task_id}: cannot fetch {url}: {exc}") from None
         finally:
             session.close()
+
+    @contextlib.contextmanager
+    def _download_lock(self, url: str):
+        """One download of ``url`` at a time across the workers sharing the media cache.
+
+        label-studio-sdk writes straight into its cached file and serves any
+        file that exists: without the lock a second worker can read a file
+        the first is still writing, and reject the image as truncated.
+        """
+        locks = os.path.join(self.cache_dir, ".locks")
+        os.makedirs(locks, exist_ok=True)
+        path = os.path.join(locks, hashlib.sha256(url.encode("utf-8")).hexdigest()[:32] + ".lock")
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _bearer_token(self, credentials: Credentials) -> str | None:
         """The token to send: a fresh access token for a personal access token, else as given."""

@@ -61,7 +61,8 @@ def test_workers_share_the_store_and_it_outlives_the_server(tiny_preset_dir, tmp
         deadline = time.time() + 240
         with ThreadPoolExecutor(8) as pool:  # clicks at once, spread over both workers
             responses = list(pool.map(lambda _: click(url, body, deadline), range(8)))
-        assert all(r.status_code == 200 and r.json()["results"][0]["result"] for r in responses)
+        assert all(r.status_code == 200 and r.json()["results"][0]["result"] for r in responses), [
+            (r.status_code, r.text[:300]) for r in responses]
         # The worker that encoded and the one that read the store give the same mask.
         assert len({r.json()["results"][0]["score"] for r in responses}) == 1
     finally:
