@@ -12,6 +12,11 @@ cd "$(dirname "$0")/../.."
 
 die() { echo "ERROR (tests/e2e/run.sh): $*" >&2; exit 1; }
 
+# The environment must already hold sam-backend (and torch): installing the
+# [e2e] extra elsewhere would pull the registry's CUDA build of torch.
+python -c "import sam_backend, torch" 2>/dev/null \
+    || die "run this from the environment where sam-backend is installed (pip install torch==2.13.0; pip install -e '.[test]')"
+
 # Label Studio, in its own cached virtualenv.
 SAM_E2E_LS_VENV="$(tests/e2e/labelstudio.sh install)" || die "Label Studio could not be installed (see above)"
 export SAM_E2E_LS_VENV

@@ -1,0 +1,110 @@
+"""Pre-annotation against the real Label Studio: a detector's boxes become masks, whole projects resumably.
+
+Each test makes its own project: the shared one already has our (empty)
+predictions from *Retrieve Predictions*, which a resumable run would skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+
+from sam_backend.synthetic import bounding_box, iou
+from harness import make_project
+
+DETECTOR = "detector-v1"
+# The demo preset's IoU head is less confident than SAM's (README, Pre-annotation).
+DEMO_AUTO = {"SAM_AUTO_PRED_IOU_THRESH": "0.8", "SAM_AUTO_STABILITY_SCORE_THRESH": "0.9"}
+
+
+def detector_box(image, mask) -> dict:
+    """A rectangle around ``mask`` as a detector's prediction would carry it (percent of the displayed image)."""
+    x0, y0, x1, y1 = (float(v) for v in bounding_box(mask))
+    w, h = image.width, image.height
+    return {"from_name": "box", "to_name": "image", "type": "rectanglelabels",
+            "original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"x": 100 * x0 / w, "y": 100 * y0 / h, "width": 100 * (x1 - x0) / w,
+                      "height": 100 * (y1 - y0) / h, "rotation": 0, "rectanglelabels": ["Object"]}}
+
+
+def import_detector_boxes(label_studio, project, names) -> None:
+    for name in names:
+        image = project.images[name]
+        label_studio.api("POST", "/api/predictions", json={
+            "task": project.tasks[name]["id"], "model_version": DETECTOR, "score": 0.9,
+            "result": [detector_box(image, image.disc)]})
+
+
+def masks_of(prediction) -> list[np.ndarray]:
+    masks = []
+    for region in prediction["result"]:
+        assert region["type"] == "brushlabels"
+        h, w = region["original_height"], region["original_width"]
+        masks.append(np.reshape(decode_rle(region["value"]["rle"]), (h, w, 4))[:, :, 3] > 127)
+    return masks
+
+
+def ours(label_studio, project, version) -> dict[int, list[dict]]:
+    return {t["id"]: [p for p in t["predictions"] if p["model_version"] == version]
+            for t in label_studio.tasks(project.id)}
+
+
+def test_retrieve_predictions_turns_a_detectors_boxes_into_masks(label_studio, backend, images):
+    project = make_project(label_studio, backend, "sam-backend e2e: detector boxes", images)
+    import_detector_boxes(label_studio, project, images)
+    version = backend.health()["model_version"]
+    answer = label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}",
+                              json={"selectedItems": {"all": True, "excluded": []}}).json()
+    assert answer.get("processed_items") == len(images), answer
+    predictions = ours(label_studio, project, version)
+    for name, image in images.items():
+        (prediction,) = predictions[project.tasks[name]["id"]]
+        (mask,) = masks_of(prediction)
+        assert mask.shape == image.size, name  # displayed size, EXIF applied
+        assert prediction["result"][0]["value"]["brushlabels"] == ["Object"]
+        assert iou(mask, image.disc) > 0.6, f"{name}: IoU {iou(mask, image.disc):.2f} with the boxed disc"
+
+
+def run_preannotate(label_studio, tmp_path, project, *extra) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAM_", "LABEL_STUDIO_"))}
+    env.update(DEMO_AUTO, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.personal_token,
+               MODEL_DIR=str(tmp_path))
+    return subprocess.run(
+        [sys.executable, "-m", "sam_backend", "preannotate", "--project", str(project.id), "--preset", "demo",
+         "--mode", "boxes-then-auto", "--batch-size", "2", "--no-progress", *extra],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_preannotate_a_whole_project_and_resume_without_duplicates(label_studio, backend, images, tmp_path):
+    project = make_project(label_studio, backend, "sam-backend e2e: preannotate", images)
+    boxed = sorted(images)[:2]
+    import_detector_boxes(label_studio, project, boxed)
+    version = backend.health()["model_version"]  # the CLI's predictions carry the server's version
+
+    first = run_preannotate(label_studio, tmp_path, project, "--limit", "3")  # "interrupted" after 3 tasks
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert sum(bool(v) for v in ours(label_studio, project, version).values()) == 3
+
+    second = run_preannotate(label_studio, tmp_path, project)
+    assert second.returncode == 0, second.stderr + second.stdout
+    assert f"{len(images) - 3} task(s) got a prediction" in second.stdout, second.stdout
+    assert "3 task(s) skipped" in second.stdout, second.stdout
+    predictions = ours(label_studio, project, version)
+    for name, image in images.items():
+        (prediction,) = predictions[project.tasks[name]["id"]]  # exactly one each: nothing duplicated
+        masks = masks_of(prediction)
+        assert masks and all(m.shape == image.size for m in masks), name
+        best = max(iou(m, image.disc) for m in masks)
+        assert best > 0.6, f"{name} ({'box' if name in boxed else 'auto'}): best IoU {best:.2f} with the disc"
+        if name in boxed:
+            assert len(masks) == 1
+
+    ids = {task: [p["id"] for p in v] for task, v in predictions.items()}
+    third = run_preannotate(label_studio, tmp_path, project)
+    assert third.returncode == 0 and f"{len(images)} task(s) skipped" in third.stdout, third.stdout
+    assert {task: [p["id"] for p in v] for task, v in ours(label_studio, project, version).items()} == ids
