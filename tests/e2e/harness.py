@@ -297,7 +297,7 @@ class Backend:
         return f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def launch(cls, preset: str, ls: LabelStudio, workdir: Path, log: Path) -> "Backend":
+    def launch(cls, preset: str, ls: LabelStudio, workdir: Path, log: Path, settings: dict | None = None) -> "Backend":
         port = free_port()
         exe = shutil.which("sam-backend", path=str(Path(sys.executable).parent)) or shutil.which("sam-backend")
         if not exe:
@@ -310,6 +310,7 @@ class Backend:
         }
         env.update(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.personal_token,
                    MODEL_DIR=str(workdir), LOG_LEVEL="INFO")
+        env.update(settings or {})  # what a test sets on purpose
         argv = [exe, "serve", "--preset", preset, "--host", "127.0.0.1", "--port", str(port),
                 "--workers", "1", "--threads", "4"]
         backend = cls(ServerProcess("sam-backend", argv, env, log), port)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
 from sam_backend.synthetic import bounding_box, iou
-from harness import make_project
+from harness import Backend, make_project, wait_for
 
 DETECTOR = "detector-v1"
 # The demo preset's IoU head is less confident than SAM's (README, Pre-annotation).
@@ -108,3 +109,31 @@ def test_preannotate_a_whole_project_and_resume_without_duplicates(label_studio,
     third = run_preannotate(label_studio, tmp_path, project)
     assert third.returncode == 0 and f"{len(images)} task(s) skipped" in third.stdout, third.stdout
     assert {task: [p["id"] for p in v] for task, v in ours(label_studio, project, version).items()} == ids
+
+
+def test_retrieve_predictions_past_the_budget_are_posted_later(label_studio, images, tmp_path_factory, artifacts):
+    """A budget of 0 s: Label Studio gets no prediction in its answer; the backend posts them all afterwards."""
+    log = artifacts / "sam-backend-budget.log"
+    log.write_text("")
+    served = Backend.launch("demo", label_studio, tmp_path_factory.mktemp("budget"), log,
+                            settings={"SAM_PREDICT_BUDGET": "0", "SAM_PRELABEL": "auto", **DEMO_AUTO})
+    try:
+        project = make_project(label_studio, served, "sam-backend e2e: budget", images)
+        version = served.health()["model_version"]
+        started = time.monotonic()
+        label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}",
+                         json={"selectedItems": {"all": True, "excluded": []}})
+        assert time.monotonic() - started < 30  # not the minutes the masks take on a CPU
+        assert sum(len(v) for v in ours(label_studio, project, version).values()) < len(images)
+
+        def all_posted():
+            return all(len(v) == 1 for v in ours(label_studio, project, version).values())
+
+        wait_for(all_posted, 600, "the late predictions to reach Label Studio", served.server, interval=2.0)
+        for name, image in images.items():
+            (prediction,) = ours(label_studio, project, version)[project.tasks[name]["id"]]
+            masks = masks_of(prediction)
+            assert masks and max(iou(m, image.disc) for m in masks) > 0.6, name
+        assert "posted to Label Studio after the request's budget" in log.read_text()
+    finally:
+        served.stop()
