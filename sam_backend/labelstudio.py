@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from sam_backend.errors import SamBackendError
@@ -23,6 +24,26 @@ DEFAULT_RETRIES = 5
 
 class LabelStudioError(SamBackendError):
     """Label Studio refused a call or could not be reached."""
+
+
+@dataclass
+class RunSummary:
+    """What a command run over a project's tasks did; commands add their own counts.
+
+    Attributes:
+        failed: ``{task id: reason}``.
+        interrupted: stopped early (Ctrl-C, or Label Studio failing); running again resumes.
+        seconds: how long the run took.
+    """
+
+    failed: dict = field(default_factory=dict)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0: all done; 1: some tasks failed; 130: interrupted."""
+        return 130 if self.interrupted else 1 if self.failed else 0
 
 
 def _as_dict(item) -> dict:

@@ -15,42 +15,33 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sam_backend.errors import SamBackendError
 from sam_backend.labelconfig import parse_label_config
-from sam_backend.labelstudio import LabelStudioError, LabelStudioProject
+from sam_backend.labelstudio import LabelStudioError, LabelStudioProject, RunSummary
 from sam_backend.prelabel import PrelabelSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Summary:
-    """What a run did.
+class Summary(RunSummary):
+    """What a run did (and :class:`~sam_backend.labelstudio.RunSummary`'s failures and interruption).
 
     Attributes:
         done: tasks given a prediction (uploaded, or computed in a dry run).
         empty: of those, predictions without any mask.
         skipped: tasks that already had a prediction of this model version.
-        failed: ``{task id: reason}``.
-        interrupted: stopped by Ctrl-C (or an unreachable Label Studio) before the end.
         masks: brush regions predicted.
+        stopped_by: why the run stopped early.
     """
 
     done: int = 0
     empty: int = 0
     skipped: int = 0
     masks: int = 0
-    failed: dict = field(default_factory=dict)
-    interrupted: bool = False
     stopped_by: str | None = None
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        """0: all done; 1: some tasks failed; 130: interrupted."""
-        return 130 if self.interrupted else (1 if self.failed else 0)
 
     def lines(self, dry_run: bool = False) -> list[str]:
         """The summary, for the terminal."""

@@ -13,43 +13,33 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sam_backend.errors import LabelConfigError, SamBackendError, StoreError
 from sam_backend.fingerprints import image_identity
 from sam_backend.images import load_image
 from sam_backend.labelconfig import parse_label_config
-from sam_backend.labelstudio import LabelStudioError, LabelStudioProject
+from sam_backend.labelstudio import LabelStudioError, LabelStudioProject, RunSummary
 from sam_backend.media import Credentials, MediaFetcher
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PrecomputeSummary:
-    """What a run did.
+class PrecomputeSummary(RunSummary):
+    """What a run did (and :class:`~sam_backend.labelstudio.RunSummary`'s failures and interruption).
 
     Attributes:
         tasks: tasks seen.
         encoded: images encoded and stored by this run.
         stored: images that were already in the store (skipped).
         no_image: tasks without an image URL in their data.
-        failed: ``{task id: reason}``.
-        interrupted: the run stopped early (Ctrl-C or Label Studio failing); run it again to resume.
     """
 
     tasks: int = 0
     encoded: int = 0
     stored: int = 0
     no_image: int = 0
-    failed: dict = field(default_factory=dict)
-    interrupted: bool = False
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        """0: every image is stored; 1: some failed; 130: interrupted."""
-        return 130 if self.interrupted else 1 if self.failed else 0
 
     def lines(self) -> list[str]:
         """A human summary, one line per fact."""

@@ -72,3 +72,27 @@ def media(tmp_path):
     server = MediaServer(root)
     yield server
     server.close()
+
+
+def click_at_once(engines, image, clicks: int, key: str = "img-1") -> None:
+    """``clicks`` threads ask ``engines`` (round robin) for one image's embedding at the same moment.
+
+    Each engine's encoder is slowed down so that the requests really overlap.
+    """
+    import threading
+    import time
+
+    for engine in engines:
+        real = engine._encoder
+        engine._encoder = lambda x, real=real: time.sleep(0.5) or real(x)
+    start = threading.Barrier(clicks)
+
+    def click(engine):
+        start.wait(30)
+        engine.embedding_for(key, image)
+
+    threads = [threading.Thread(target=click, args=(engines[i % len(engines)],)) for i in range(clicks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)

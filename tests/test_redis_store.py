@@ -4,13 +4,12 @@ import logging
 import shutil
 import socket
 import subprocess
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import build_tiny_segmenter, random_image
+from conftest import build_tiny_segmenter, click_at_once, random_image
 from sam_backend.engine import SamEngine
 from sam_backend.errors import StoreError
 from sam_backend.store import DiskStore, StoredEmbedding, entry_key, open_store
@@ -102,20 +101,7 @@ def test_a_corrupt_entry_is_recomputed(redis_url, tiny_segmenter, rng, caplog):
 def test_concurrent_hosts_encode_one_image_once(redis_url, tiny_segmenter, rng):
     image = random_image(rng, 90, 200)
     engines = [engine_on(redis_url, tiny_segmenter) for _ in range(2)]
-    for engine in engines:
-        real = engine._encoder
-        engine._encoder = lambda x, real=real: time.sleep(0.5) or real(x)
-    start = threading.Barrier(6)
-
-    def click(engine):
-        start.wait(30)
-        engine.embedding_for("img-1", image)
-
-    threads = [threading.Thread(target=click, args=(engines[i % 2],)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    click_at_once(engines, image, 6)
     assert sum(e.encoder_calls for e in engines) == 1
     assert engines[0].store.client.keys("sam:v1:lock:*") == []
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import build_tiny_segmenter, random_image
+from conftest import build_tiny_segmenter, click_at_once, random_image
 from sam_backend.engine import SamEngine
 from sam_backend.errors import StoreError
 from sam_backend.fingerprints import fingerprint_model, fingerprint_preset_dir, image_identity
@@ -327,20 +327,7 @@ def test_an_entry_that_does_not_fit_the_model_is_recomputed(counted, tmp_path, r
 def test_concurrent_requests_for_one_image_encode_once(counted, tmp_path, rng):
     image = random_image(rng, 90, 200)
     engines = [counted(tmp_path), counted(tmp_path)]  # two "workers", one store
-    for engine in engines:
-        real = engine._encoder
-        engine._encoder = lambda x, real=real: time.sleep(0.5) or real(x)
-    start = threading.Barrier(8)
-
-    def click(engine):
-        start.wait(30)
-        engine.embedding_for("img-1", image)
-
-    threads = [threading.Thread(target=click, args=(engines[i % 2],)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    click_at_once(engines, image, 8)
     assert sum(e.encoder_calls for e in engines) == 1
     assert engines[0].stats.in_flight._value.get() == 0
 
