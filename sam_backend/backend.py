@@ -157,6 +157,7 @@ class SamBackend:
         self.projects: dict[str, ProjectSetup] = {}
         self.refinements = RefinementMemory.from_env()
         self.jobs = PredictionJobs()
+        self._clients: dict[tuple, LabelStudioProject] = {}  # posting late predictions (the jobs' thread only)
         budget = os.environ.get("SAM_PREDICT_BUDGET")
         self.predict_budget = float(budget) if budget else DEFAULT_PREDICT_BUDGET
         self._warmup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-warmup")
@@ -265,9 +266,13 @@ class SamBackend:
 
     def _keyed_embedding(self, engine, url: str, task_id, project):
         """``(image key, embedding)`` of the task's image (fetched; encoded unless cached or stored)."""
+        key, loader = self._image_source(url, task_id, project)
+        return key, engine.embedding_for(key, loader)
+
+    def _image_source(self, url: str, task_id, project):
+        """``(image key, loader)``: the task's image fetched, identified, and loaded only if needed."""
         path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project))
-        key = _image_key(url, path, task_id)
-        return key, engine.embedding_for(key, _image_loader(path, url, task_id))
+        return _image_key(url, path, task_id), _image_loader(path, url, task_id)
 
     def _prediction(self, result: list, score: float | None) -> dict:
         prediction = {"result": result, "model_version": self.model_version}
@@ -290,9 +295,8 @@ class SamBackend:
         """
         settings = self.prelabel_settings(project)
         single = len(tasks) == 1
-        if settings.mode == "off" or (
-            settings.mode == "boxes" and not any(isinstance(t, dict) and _has_own_prompts(t, config) for t in tasks)
-        ):
+        own = [settings.mode == "boxes" and isinstance(t, dict) and _has_own_prompts(t, config) for t in tasks]
+        if settings.mode == "off" or (settings.mode == "boxes" and not any(own)):
             # Nothing to compute: an opened task still gets its image encoded
             # for the first click. A batch would queue CPU work behind clicks.
             if single:
@@ -300,13 +304,13 @@ class SamBackend:
             return [self._prediction([], None) for _ in tasks]
         engine = self.holder.engine()
         items, outcomes = [], []
-        for task in tasks:
+        for task, has_prompts in zip(tasks, own):
             try:
                 url, task_id = _image_url(task, config)
             except BadRequestError as exc:
                 outcomes.append(Outcome(error=exc))
                 continue
-            if settings.mode == "boxes" and not _has_own_prompts(task, config):
+            if settings.mode == "boxes" and not has_prompts:
                 outcomes.append(Outcome(prediction=self._prediction([], None)))
                 continue
             task_project = _project_id(task.get("project") or project)
@@ -345,11 +349,7 @@ class SamBackend:
 
     def encode_tasks(self, engine, tasks: list[dict], config: LabelConfig, project=None) -> None:
         """Fetch the tasks' images and encode those not cached in one encoder call (GPU batches)."""
-        items = []
-        for task in tasks:
-            url, task_id = _image_url(task, config)
-            path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project or task.get("project")))
-            items.append((_image_key(url, path, task_id), _image_loader(path, url, task_id)))
+        items = [self._image_source(*_image_url(task, config), project or task.get("project")) for task in tasks]
         engine.embeddings_for_many(items)
 
     def _prelabel_task(self, engine, task: dict, url: str, config: LabelConfig, settings: PrelabelSettings, project) -> dict:
@@ -366,8 +366,11 @@ class SamBackend:
                 f"no Label Studio URL and token to post task {task_id}'s prediction: set LABEL_STUDIO_URL and "
                 "LABEL_STUDIO_API_KEY, or retrieve predictions again, or run sam-backend preannotate"
             )
-        client = LabelStudioProject(credentials.hostname, credentials.token, int(project))
-        client.create_predictions([{"task": task_id, **prediction}])
+        key = (credentials.hostname, credentials.token, int(project))
+        if key not in self._clients:
+            # One client per project: a personal access token is exchanged once, not per prediction.
+            self._clients[key] = LabelStudioProject(*key)
+        self._clients[key].create_predictions([{"task": task_id, **prediction}])
         logger.info("Task %s: prediction posted to Label Studio after the request's budget", task_id)
 
     def _start_warmup(self, task, config: LabelConfig, project) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -100,8 +101,8 @@ def preannotate_command(args: argparse.Namespace) -> int:
         os.environ["SAM_CACHE_DIR"] = args.cache_dir
     try:
         settings = PrelabelSettings.from_sources(os.environ, {"prelabel": args.mode} if args.mode else None)
-        if settings.mode == "off":
-            settings = PrelabelSettings(mode="boxes", auto=settings.auto, auto_label=settings.auto_label)
+        if settings.mode == "off":  # SAM_PRELABEL=off is for the server; a run asked for means boxes
+            settings = dataclasses.replace(settings, mode="boxes")
         project = LabelStudioProject(args.url, args.api_key, args.project)
         holder = ModelHolder(args.preset or default_preset()).start()
         holder.wait()

@@ -317,7 +317,6 @@ class SamEngine:
             for j, (i, rgb) in enumerate(zip(missing, images)):
                 embedding = Embedding(features[j : j + 1], Frame.for_image(rgb.shape[:2], self.input_size))
                 if self.store is not None:
-                    embedding.features = embedding.features.half().float()  # what the store keeps
                     self._write_store(entry_key(self.fingerprint, str(items[i][0])), embedding)
                 self.embeddings.put(items[i][0], embedding)
                 results[i] = embedding
@@ -362,9 +361,6 @@ class SamEngine:
                 if embedding is None:
                     self.stats.lookup(tier, hit=False)
                     embedding = self._encode_logged(key, image)
-                    # Keep what the store keeps (float16), so that a click gives
-                    # the same mask whichever tier serves the embedding.
-                    embedding.features = embedding.features.half().float()
                     self._write_store(store_key, embedding)
                     return embedding
         self.stats.lookup(tier, hit=True)
@@ -408,6 +404,11 @@ class SamEngine:
         return StoredEmbedding(features, tuple(frame.original_size), tuple(frame.resized_size), frame.input_size)
 
     def _write_store(self, store_key: str, embedding: Embedding) -> None:
+        """Store ``embedding`` and keep only what the store keeps (float16) in it too.
+
+        So a click gives the same mask whichever tier serves the embedding.
+        """
+        embedding.features = embedding.features.half().float()
         try:
             self.store.put(store_key, self._to_stored(embedding))
         except Exception as exc:

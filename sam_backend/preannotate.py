@@ -132,8 +132,7 @@ class Preannotator:
                     break
                 if self.limit is not None and summary.done + len(summary.failed) + len(batch) >= self.limit:
                     break
-                ours = [p for p in task.get("predictions") or [] if isinstance(p, dict) and p.get("model_version") == version]
-                if ours and not self.overwrite:
+                if _ours(task, version) and not self.overwrite:
                     summary.skipped += 1
                     bar.update(1)
                     continue
@@ -141,7 +140,7 @@ class Preannotator:
                 if len(batch) >= self.batch_size:
                     self._process(batch, config, summary, bar)
                     batch = []
-            if batch and not (self.stop.is_set() and not summary.interrupted):
+            if batch:  # after Ctrl-C, _process uploads nothing more and marks the run interrupted
                 self._process(batch, config, summary, bar)
         except LabelStudioError as exc:
             # Retries are spent: Label Studio is down or refuses us. What is
@@ -171,8 +170,7 @@ class Preannotator:
                 summary.failed[task.get("id")] = f"{type(exc).__name__}: {exc}"
             else:
                 uploads.append({"task": task["id"], **prediction})
-                replaced += [p["id"] for p in task.get("predictions") or []
-                             if isinstance(p, dict) and p.get("model_version") == version and "id" in p]
+                replaced += [p["id"] for p in _ours(task, version) if "id" in p]
             bar.update(1)
         if not self.dry_run and uploads:
             for prediction_id in replaced:
@@ -193,3 +191,8 @@ class Preannotator:
             self.backend.encode_tasks(engine, tasks, config, self.project.project)
         except SamBackendError as exc:
             logger.info("Batch encoding skipped (%s); images are encoded one by one", exc)
+
+
+def _ours(task: dict, version: str) -> list[dict]:
+    """The task's predictions of model ``version``."""
+    return [p for p in task.get("predictions") or [] if isinstance(p, dict) and p.get("model_version") == version]
