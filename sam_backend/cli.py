@@ -20,6 +20,17 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam-backend", description="Segment Anything as a Label Studio ML backend.")
     parser.add_argument("--version", action="version", version=f"sam-backend {__version__}")
@@ -78,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--mode", default=None, choices=("boxes", "auto", "boxes-then-auto"),
                      help="where prompts come from (default SAM_PRELABEL, else boxes)")
     pre.add_argument("--view", type=int, default=None, help="only the tasks of this data manager view (tab) id")
-    pre.add_argument("--limit", type=int, default=None, help="stop after this many tasks")
+    pre.add_argument("--limit", type=_positive_int, default=None, help="stop after this many tasks")
     pre.add_argument("--overwrite", action="store_true", help="recompute tasks that have our prediction and replace it")
     pre.add_argument("--dry-run", action="store_true", help="compute, but upload nothing")
-    pre.add_argument("--batch-size", type=int, default=16, help="tasks per upload, and per encoder call on a GPU (default 16)")
+    pre.add_argument("--batch-size", type=_positive_int, default=16, help="tasks per upload, and per encoder call on a GPU (default 16)")
     pre.add_argument("--cache-dir", default=None, help="embedding store to use and fill (default as for serve)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     pre.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"), help="DEBUG, INFO, WARNING...")

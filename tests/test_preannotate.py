@@ -120,3 +120,12 @@ def test_bad_credentials_and_projects_are_clear_errors(labelstudio, tiny_preset_
     assert main(["preannotate", "--url", labelstudio.url, "--api-key", labelstudio.token, "--project", "404",
                  "--preset", str(tiny_preset_dir), "--no-progress"]) == 2
     assert "no project 404" in caplog.text
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--limit", "-3"), ("--batch-size", "many")])
+def test_bad_numbers_are_refused_with_a_message(labelstudio, tiny_preset_dir, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        run(labelstudio, tiny_preset_dir, tmp_path, flag, value)
+    assert stop.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+    assert ours(labelstudio) == []
