@@ -1,7 +1,7 @@
 """Pre-annotation throughput: what a task costs beyond the image encoder.
 
-Random weights give noise masks, whose brush RLE (label-studio-sdk, pure
-Python) takes seconds instead of milliseconds, so the whole pipeline is timed
+Random weights give noise-like masks, whose brush RLE (label-studio-sdk, pure
+Python) is far slower than a real mask's, so the whole pipeline is timed
 with the trained ``demo`` preset on 1280x960 scenes of shapes (realistic
 masks): ``sam-backend preannotate``'s own code (:class:`Preannotator`) against
 the loopback Label Studio API of the tests, each task with boxes around its
