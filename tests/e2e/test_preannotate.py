@@ -12,24 +12,14 @@ import sys
 import time
 
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle
 
 from sam_backend.synthetic import bounding_box, iou
 from harness import Backend, make_project, wait_for
+from scenes import decode_brush, rectangle_region
 
 DETECTOR = "detector-v1"
 # The demo preset's IoU head is less confident than SAM's (README, Pre-annotation).
 DEMO_AUTO = {"SAM_AUTO_PRED_IOU_THRESH": "0.8", "SAM_AUTO_STABILITY_SCORE_THRESH": "0.9"}
-
-
-def detector_box(image, mask) -> dict:
-    """A rectangle around ``mask`` as a detector's prediction would carry it (percent of the displayed image)."""
-    x0, y0, x1, y1 = (float(v) for v in bounding_box(mask))
-    w, h = image.width, image.height
-    return {"from_name": "box", "to_name": "image", "type": "rectanglelabels",
-            "original_width": w, "original_height": h, "image_rotation": 0,
-            "value": {"x": 100 * x0 / w, "y": 100 * y0 / h, "width": 100 * (x1 - x0) / w,
-                      "height": 100 * (y1 - y0) / h, "rotation": 0, "rectanglelabels": ["Object"]}}
 
 
 def import_detector_boxes(label_studio, project, names) -> None:
@@ -37,16 +27,12 @@ def import_detector_boxes(label_studio, project, names) -> None:
         image = project.images[name]
         label_studio.api("POST", "/api/predictions", json={
             "task": project.tasks[name]["id"], "model_version": DETECTOR, "score": 0.9,
-            "result": [detector_box(image, image.disc)]})
+            "result": [rectangle_region(image, tuple(float(v) for v in bounding_box(image.disc)))]})
 
 
 def masks_of(prediction) -> list[np.ndarray]:
-    masks = []
-    for region in prediction["result"]:
-        assert region["type"] == "brushlabels"
-        h, w = region["original_height"], region["original_width"]
-        masks.append(np.reshape(decode_rle(region["value"]["rle"]), (h, w, 4))[:, :, 3] > 127)
-    return masks
+    assert all(region["type"] == "brushlabels" for region in prediction["result"])
+    return [decode_brush(region) for region in prediction["result"]]
 
 
 def ours(label_studio, project, version) -> dict[int, list[dict]]:
