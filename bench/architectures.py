@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sam_backend  # noqa: F401  (environment before keras)
-from sam_backend.architectures import SamArchitecture, build_sam
+from sam_backend.sam.architectures import SamArchitecture, build_sam
 
 
 def _sa1b(width: int, depth: int, heads: int, global_layers: tuple[int, ...]) -> SamArchitecture:

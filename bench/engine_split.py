@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 from architectures import build_segmenter  # noqa: E402
-from sam_backend.engine import SamEngine  # noqa: E402
-from sam_backend.transforms import preprocess  # noqa: E402
+from sam_backend.sam.engine import SamEngine  # noqa: E402
+from sam_backend.sam.transforms import preprocess  # noqa: E402
 
 logger = logging.getLogger("bench")
 

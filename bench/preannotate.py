@@ -36,14 +36,14 @@ from PIL import Image  # noqa: E402
 
 from architectures import build_segmenter  # noqa: E402
 from fake_labelstudio import FakeLabelStudio  # noqa: E402
-from sam_backend.automask import AutoMaskGenerator, AutoMaskSettings  # noqa: E402
-from sam_backend.backend import ModelHolder, SamBackend  # noqa: E402
-from sam_backend.engine import SamEngine  # noqa: E402
-from sam_backend.labelstudio import LabelStudioProject  # noqa: E402
-from sam_backend.media import Credentials, MediaFetcher  # noqa: E402
-from sam_backend.preannotate import Preannotator  # noqa: E402
-from sam_backend.prelabel import PrelabelSettings  # noqa: E402
-from sam_backend.synthetic import bounding_box, generate_scene  # noqa: E402
+from sam_backend.sam.automask import AutoMaskGenerator, AutoMaskSettings  # noqa: E402
+from sam_backend.server.backend import ModelHolder, SamBackend  # noqa: E402
+from sam_backend.sam.engine import SamEngine  # noqa: E402
+from sam_backend.labelstudio.api import LabelStudioProject  # noqa: E402
+from sam_backend.labelstudio.media import Credentials, MediaFetcher  # noqa: E402
+from sam_backend.commands.preannotate import Preannotator  # noqa: E402
+from sam_backend.server.prelabel import PrelabelSettings  # noqa: E402
+from sam_backend.sam.synthetic import bounding_box, generate_scene  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -103,7 +103,7 @@ def main() -> None:
 
     holder = ModelHolder("demo", loader=lambda preset: demo).start()
     holder.wait()
-    demo.embeddings.clear()
+    holder.embeddings().memory.clear()
     backend = SamBackend(holder=holder, fetcher=MediaFetcher(cache_dir=str(work / "media")),
                          credentials=Credentials(fake.url, fake.token))
     project = LabelStudioProject(fake.url, fake.token, 1)

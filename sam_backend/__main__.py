@@ -2,6 +2,6 @@
 
 import sys
 
-from sam_backend.cli import main
+from sam_backend.commands.cli import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@ loads the model once, in the background, at start.
 """
 
 from sam_backend.logs import configure_logging
-from sam_backend.server import create_app
+from sam_backend.server.app import create_app
 
 configure_logging()
 app = create_app()

@@ -16,7 +16,7 @@ TINY_INPUT = 128
 
 def build_tiny_segmenter(input_size: int = TINY_INPUT, seed: int = 0):
     """A randomly initialised SAMImageSegmenter small enough for unit tests."""
-    from sam_backend.architectures import SamArchitecture, build_sam
+    from sam_backend.sam.architectures import SamArchitecture, build_sam
 
     tiny = SamArchitecture(
         input_size=input_size, encoder_width=16, encoder_depth=2, encoder_heads=2, encoder_mlp=32,
@@ -49,7 +49,7 @@ def tiny_preset_dir(tmp_path_factory, tiny_segmenter):
 
 @pytest.fixture()
 def engine(tiny_segmenter):
-    from sam_backend.engine import SamEngine
+    from sam_backend.sam.engine import SamEngine
 
     return SamEngine(tiny_segmenter, preset="tiny")
 
@@ -74,24 +74,25 @@ def media(tmp_path):
     server.close()
 
 
-def click_at_once(engines, image, clicks: int, key: str = "img-1") -> None:
-    """``clicks`` threads ask ``engines`` (round robin) for one image's embedding at the same moment.
+def click_at_once(workers, image, clicks: int, key: str = "img-1") -> None:
+    """``clicks`` threads ask ``workers`` (round robin) for one image's embedding at the same moment.
 
-    Each engine's encoder is slowed down so that the requests really overlap.
+    ``workers`` are :class:`EmbeddingTiers`; each one's encoder is slowed
+    down so that the requests really overlap.
     """
     import threading
     import time
 
-    for engine in engines:
-        real = engine._encoder
-        engine._encoder = lambda x, real=real: time.sleep(0.5) or real(x)
+    for tiers in workers:
+        real = tiers.engine._encoder
+        tiers.engine._encoder = lambda x, real=real: time.sleep(0.5) or real(x)
     start = threading.Barrier(clicks)
 
-    def click(engine):
+    def click(tiers):
         start.wait(30)
-        engine.embedding_for(key, image)
+        tiers.embedding_for(key, image)
 
-    threads = [threading.Thread(target=click, args=(engines[i % len(engines)],)) for i in range(clicks)]
+    threads = [threading.Thread(target=click, args=(workers[i % len(workers)],)) for i in range(clicks)]
     for thread in threads:
         thread.start()
     for thread in threads:

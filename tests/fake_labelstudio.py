@@ -1,6 +1,6 @@
 """A small Label Studio API on loopback, for the parts label-studio-sdk calls.
 
-It serves what ``sam_backend.labelstudio`` and ``MediaFetcher`` use: a project
+It serves what ``sam_backend.labelstudio.api`` and ``MediaFetcher`` use: a project
 with its label config, paged ``/api/tasks`` (with predictions), prediction
 import and deletion, and uploaded files under ``/data/upload/``. Answers
 follow Label Studio 1.23's shapes (a 404 for the page after the last one, a

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from conftest import random_image
-from sam_backend.engine import SamEngine
-from sam_backend.server import create_app
-from sam_backend.store import DiskStore
+from sam_backend.embeddings.disk_store import DiskStore
+from sam_backend.embeddings.tiers import EmbeddingTiers
+from sam_backend.sam.engine import SamEngine
+from sam_backend.server.app import create_app
 from test_server import decode_brush, keypoint, make_backend, predict_body
 
 IO_MODULE = "label_studio_sdk._extensions.label_studio_tools.core.utils.io"
@@ -18,8 +19,10 @@ IO_MODULE = "label_studio_sdk._extensions.label_studio_tools.core.utils.io"
 
 @pytest.fixture()
 def store_engine(tiny_segmenter, tmp_path):
+    """A new worker's engine (nothing in memory) and the store the workers share."""
+
     def make():
-        return SamEngine(tiny_segmenter, preset="tiny", store=DiskStore(tmp_path / "store", 1 << 30))
+        return SamEngine(tiny_segmenter, preset="tiny"), DiskStore(tmp_path / "store", 1 << 30)
 
     return make
 
@@ -37,8 +40,8 @@ def test_a_changed_local_file_gets_a_new_embedding(store_engine, tmp_path, monke
     path = root / "imgs" / "a.png"
     first, second = random_image(rng, 90, 200), random_image(rng, 90, 200)
     Image.fromarray(first).save(path)
-    engine = store_engine()
-    client = create_app(make_backend(engine, tmp_path)).test_client()
+    engine, store = store_engine()
+    client = create_app(make_backend(engine, tmp_path, store=store)).test_client()
     url = "/data/local-files/?d=imgs/a.png"
 
     click(client, url, [keypoint(25, 50)])
@@ -49,11 +52,11 @@ def test_a_changed_local_file_gets_a_new_embedding(store_engine, tmp_path, monke
     os.utime(path, ns=(time.time_ns() + 10**9,) * 2)
     result = click(client, url, [keypoint(25, 50)])
     assert engine.encoder_calls == 2
-    expected = engine.decode(engine.embedding_for("check", second), points=[[50, 45]], labels=[1])
+    expected = engine.decode(EmbeddingTiers(engine, store).embedding_for("check", second), points=[[50, 45]], labels=[1])
     np.testing.assert_array_equal(decode_brush(result["result"][0]), expected.mask)
 
-    restarted = store_engine()  # the old entry stays, but nothing asks for it any more
-    client = create_app(make_backend(restarted, tmp_path)).test_client()
+    restarted, store = store_engine()  # the old entry stays, but nothing asks for it any more
+    client = create_app(make_backend(restarted, tmp_path, store=store)).test_client()
     click(client, url, [keypoint(25, 50)])
     assert restarted.encoder_calls == 0
 
@@ -61,14 +64,14 @@ def test_a_changed_local_file_gets_a_new_embedding(store_engine, tmp_path, monke
 def test_warm_up_fills_the_store_for_every_worker(store_engine, tmp_path, media, rng):
     Image.fromarray(random_image(rng, 90, 200)).save(media.root / "img.png")
     url = media.url + "/img.png"
-    warm = store_engine()
-    backend = make_backend(warm, tmp_path)
+    warm, store = store_engine()
+    backend = make_backend(warm, tmp_path, store=store)
     create_app(backend).test_client().post("/predict", json=predict_body(url, None))
     backend._warmup.submit(lambda: None).result(timeout=30)  # queue drained
     assert warm.encoder_calls == 1
 
-    other_worker = store_engine()  # another process: nothing in memory
-    client = create_app(make_backend(other_worker, tmp_path)).test_client()
+    other_worker, store = store_engine()  # another process: nothing in memory
+    client = create_app(make_backend(other_worker, tmp_path, store=store)).test_client()
     assert click(client, url, [keypoint(25, 50)])["result"]
     assert other_worker.encoder_calls == 0
 
@@ -104,7 +107,7 @@ def test_a_click_that_extends_the_prompt_refines_the_previous_mask(engine, tmp_p
 
 
 def test_refinement_memory_expires_and_can_be_turned_off(engine, tmp_path, media, rng, monkeypatch):
-    from sam_backend.refinement import RefinementMemory, prompt_signature
+    from sam_backend.server.refinement import RefinementMemory, prompt_signature
 
     now = [0.0]
     memory = RefinementMemory(ttl_seconds=60, max_entries=2, clock=lambda: now[0])
@@ -128,10 +131,12 @@ def test_refinement_memory_expires_and_can_be_turned_off(engine, tmp_path, media
 def test_metrics_count_tiers_times_and_load(store_engine, tmp_path, media, rng):
     Image.fromarray(random_image(rng, 90, 200)).save(media.root / "img.png")
     url = media.url + "/img.png"
-    client = create_app(make_backend(store_engine(), tmp_path)).test_client()
+    engine, store = store_engine()
+    client = create_app(make_backend(engine, tmp_path, store=store)).test_client()
     click(client, url, [keypoint(25, 50)])
     click(client, url, [keypoint(25, 50)])
-    restarted = create_app(make_backend(store_engine(), tmp_path)).test_client()
+    engine, store = store_engine()
+    restarted = create_app(make_backend(engine, tmp_path, store=store)).test_client()
     click(restarted, url, [keypoint(25, 50)])
 
     def value(text, line):
@@ -154,8 +159,8 @@ def test_metrics_count_tiers_times_and_load(store_engine, tmp_path, media, rng):
 def test_a_server_without_a_usable_store_still_answers(tiny_preset_dir, tmp_path, media, rng, monkeypatch, caplog):
     import logging
 
-    from sam_backend.backend import ModelHolder, SamBackend
-    from sam_backend.media import Credentials, MediaFetcher
+    from sam_backend.server.backend import ModelHolder, SamBackend
+    from sam_backend.labelstudio.media import Credentials, MediaFetcher
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -164,7 +169,7 @@ def test_a_server_without_a_usable_store_still_answers(tiny_preset_dir, tmp_path
     holder = ModelHolder(str(tiny_preset_dir))
     with caplog.at_level(logging.WARNING):
         holder.start().wait(120)
-    assert holder.state == "ready" and holder.loaded_engine.store is None
+    assert holder.state == "ready" and holder.loaded_embeddings.store is None
     assert "memory only" in caplog.text
     backend = SamBackend(holder=holder, fetcher=MediaFetcher(cache_dir=str(tmp_path / "media")), credentials=Credentials())
     assert click(create_app(backend).test_client(), media.url + "/img.png", [keypoint(25, 50)])["result"]
@@ -173,7 +178,7 @@ def test_a_server_without_a_usable_store_still_answers(tiny_preset_dir, tmp_path
 def test_loading_pays_the_first_clicks_one_time_costs(engine, caplog):
     import logging
 
-    from sam_backend.backend import ModelHolder
+    from sam_backend.server.backend import ModelHolder
 
     with caplog.at_level(logging.INFO, logger="sam_backend"):
         holder = ModelHolder("tiny", loader=lambda preset: engine).start()

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_backend.engine import SamEngine
-from sam_backend.presets import SHIPPED_PRESETS_DIR, resolve_preset, shipped_presets
-from sam_backend.synthetic import Shape, bounding_box, ellipse, interior_point, iou, polygon, rectangle, render
-from sam_backend.server import create_app
+from sam_backend.sam.engine import SamEngine
+from sam_backend.sam.presets import SHIPPED_PRESETS_DIR, resolve_preset, shipped_presets
+from sam_backend.sam.synthetic import Shape, bounding_box, ellipse, interior_point, iou, polygon, rectangle, render
+from sam_backend.server.app import create_app
 
 from test_server import decode_brush, keypoint, make_backend, predict_body
 
@@ -75,8 +75,8 @@ def test_demo_is_shipped_small_and_documented():
 
 
 def test_demo_resolves_from_the_environment(monkeypatch):
-    from sam_backend.backend import SamBackend
-    from sam_backend.presets import default_preset
+    from sam_backend.server.backend import SamBackend
+    from sam_backend.sam.presets import default_preset
 
     monkeypatch.setenv("SAM_PRESET", "demo")
     assert default_preset() == "demo"

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_INPUT, random_image
-from sam_backend.engine import SamEngine, validate_prompt
+from sam_backend.embeddings.tiers import EmbeddingTiers
+from sam_backend.sam.engine import SamEngine, validate_prompt
 from sam_backend.errors import PresetLoadError, PromptError
-from sam_backend.transforms import postprocess_logits, preprocess
+from sam_backend.sam.transforms import postprocess_logits, preprocess
 
 PROMPTS = {
     "points": dict(points=[[40.0, 30.0], [120.0, 60.0]], labels=[1, 1]),
@@ -61,22 +62,23 @@ def test_decode_many_prompts_on_one_embedding_encodes_once(engine, rng):
     calls = []
     real_encoder = engine._encoder
     engine._encoder = lambda x: calls.append(1) or real_encoder(x)
+    tiers = EmbeddingTiers(engine)
     for prompt in PROMPTS.values():
-        engine.predict(image, key="task-1/image.png", **prompt)
-    engine.embedding_for("task-1/image.png", lambda: pytest.fail("a cached image must not be loaded"))
+        tiers.predict(image, key="task-1/image.png", **prompt)
+    tiers.embedding_for("task-1/image.png", lambda: pytest.fail("a cached image must not be loaded"))
     assert len(calls) == 1
-    engine.predict(image, key="task-2/other.png", **PROMPTS["box"])
+    tiers.predict(image, key="task-2/other.png", **PROMPTS["box"])
     assert len(calls) == 2
 
 
 def test_memory_cache_is_bounded_by_bytes(tiny_segmenter, rng):
     image = random_image(rng, 64, 64)
     one = SamEngine(tiny_segmenter).encode(image).nbytes
-    engine = SamEngine(tiny_segmenter, cache_bytes=int(2.5 * one))
+    tiers = EmbeddingTiers(SamEngine(tiny_segmenter), cache_bytes=int(2.5 * one))
     for key in "abc":
-        engine.embedding_for(key, image)
-    assert "a" not in engine.embeddings and "b" in engine.embeddings and "c" in engine.embeddings
-    assert engine.embeddings.nbytes <= 2.5 * one
+        tiers.embedding_for(key, image)
+    assert "a" not in tiers.memory and "b" in tiers.memory and "c" in tiers.memory
+    assert tiers.memory.nbytes <= 2.5 * one
 
 
 def test_multimask_policy(engine, rng):
@@ -160,7 +162,7 @@ def test_missing_preset_directory_fails_fast_with_guidance(tmp_path):
 
 
 def test_a_preset_that_is_not_sam_is_refused(tmp_path):
-    from sam_backend.presets import import_keras_hub
+    from sam_backend.sam.presets import import_keras_hub
 
     keras_hub = import_keras_hub()
     vit = keras_hub.models.ViTDetBackbone(
@@ -182,7 +184,7 @@ def test_a_corrupt_preset_is_refused(tmp_path):
 def test_shipped_preset_names_resolve_to_the_package_directory(tmp_path, monkeypatch, tiny_preset_dir):
     import shutil
 
-    from sam_backend import presets
+    from sam_backend.sam import presets
 
     monkeypatch.setattr(presets, "SHIPPED_PRESETS_DIR", tmp_path)
     shutil.copytree(tiny_preset_dir, tmp_path / "mini")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sam_backend.errors import ImageError, ImageTooLargeError
-from sam_backend.images import load_image
+from sam_backend.sam.images import load_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

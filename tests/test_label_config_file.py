@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from sam_backend.labelconfig import parse_label_config
+from sam_backend.labelstudio.labelconfig import parse_label_config
 
 
 def test_shipped_label_config_has_matching_smart_tools():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_backend.cli import main
+from sam_backend.commands.cli import main
 
 from fake_labelstudio import FakeLabelStudio
 from test_server import LABEL_CONFIG
@@ -73,7 +73,7 @@ def test_a_second_run_adds_nothing_and_overwrite_replaces(labelstudio, tiny_pres
 
 
 def test_ctrl_c_stops_after_the_current_task_and_the_next_run_resumes(labelstudio, tiny_preset_dir, tmp_path, monkeypatch, capsys):
-    from sam_backend.backend import SamBackend
+    from sam_backend.server.backend import SamBackend
 
     original = SamBackend.prelabel
     calls = []
@@ -97,7 +97,7 @@ def test_ctrl_c_stops_after_the_current_task_and_the_next_run_resumes(labelstudi
 
 
 def test_label_studio_going_down_stops_the_run_cleanly(labelstudio, tiny_preset_dir, tmp_path, capsys, monkeypatch):
-    from sam_backend import labelstudio as ls
+    from sam_backend.labelstudio import api as ls
 
     monkeypatch.setattr(ls, "DEFAULT_RETRIES", 1)
     labelstudio.fail_imports = 10**6

@@ -5,13 +5,14 @@ from PIL import Image
 
 from conftest import random_image
 from fake_labelstudio import FakeLabelStudio
-from sam_backend.engine import SamEngine
+from sam_backend.embeddings.tiers import EmbeddingTiers
+from sam_backend.sam.engine import SamEngine
 from sam_backend.errors import LabelConfigError
-from sam_backend.labelstudio import LabelStudioProject
-from sam_backend.media import Credentials, MediaFetcher
-from sam_backend.precompute import Precomputer, image_data_key
-from sam_backend.server import create_app
-from sam_backend.store import DiskStore
+from sam_backend.labelstudio.api import LabelStudioProject
+from sam_backend.labelstudio.media import Credentials, MediaFetcher
+from sam_backend.commands.precompute import Precomputer, image_data_key
+from sam_backend.server.app import create_app
+from sam_backend.embeddings.disk_store import DiskStore
 from test_server import LABEL_CONFIG, keypoint, make_backend, predict_body
 
 PROJECT = 3
@@ -36,7 +37,7 @@ def precomputer(engine, fake, tmp_path, **kwargs):
 
 
 def store_engine(model, tmp_path):
-    return SamEngine(model, preset="tiny", store=DiskStore(tmp_path / "store", 1 << 30))
+    return EmbeddingTiers(SamEngine(model, preset="tiny"), store=DiskStore(tmp_path / "store", 1 << 30))
 
 
 def test_precompute_fills_the_store_and_a_second_run_skips_it(labelstudio, tiny_segmenter, tmp_path):
@@ -47,18 +48,18 @@ def test_precompute_fills_the_store_and_a_second_run_skips_it(labelstudio, tiny_
     summary = precomputer(engine, labelstudio, tmp_path).run()
     assert (summary.tasks, summary.encoded, summary.stored, summary.no_image) == (5, 3, 0, 1)
     assert list(summary.failed) == [labelstudio.tasks[PROJECT][3]["id"]] and "404" in next(iter(summary.failed.values()))
-    assert summary.exit_code == 1 and engine.encoder_calls == 3
+    assert summary.exit_code == 1 and engine.engine.encoder_calls == 3
     assert engine.store.stats().entries == 3
 
     again = store_engine(tiny_segmenter, tmp_path)  # a new run: a new process
     summary = precomputer(again, labelstudio, tmp_path).run()
-    assert (summary.encoded, summary.stored) == (0, 3) and again.encoder_calls == 0
+    assert (summary.encoded, summary.stored) == (0, 3) and again.engine.encoder_calls == 0
     assert "0 encoded, 3 already stored, 1 without an image, 1 failed" in summary.lines()[0]
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(labelstudio, tiny_segmenter, tmp_path):
     engine = store_engine(tiny_segmenter, tmp_path)
-    real = engine._encoder
+    real = engine.engine._encoder
     calls = []
 
     def encoder(x):
@@ -67,7 +68,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(labelstudio, tiny_segmenter
             raise KeyboardInterrupt  # Ctrl-C during the second encode
         return real(x)
 
-    engine._encoder = encoder
+    engine.engine._encoder = encoder
     summary = precomputer(engine, labelstudio, tmp_path).run()
     assert summary.interrupted and summary.exit_code == 130 and summary.encoded == 1
     assert "run the same command again" in "\n".join(summary.lines())
@@ -75,19 +76,20 @@ def test_an_interrupted_run_resumes_where_it_stopped(labelstudio, tiny_segmenter
 
     resumed = store_engine(tiny_segmenter, tmp_path)
     summary = precomputer(resumed, labelstudio, tmp_path).run()
-    assert (summary.encoded, summary.stored, summary.exit_code) == (2, 1, 0) and resumed.encoder_calls == 2
+    assert (summary.encoded, summary.stored, summary.exit_code) == (2, 1, 0) and resumed.engine.encoder_calls == 2
 
 
 def test_the_server_answers_from_precomputed_embeddings(labelstudio, tiny_segmenter, tmp_path):
     precomputer(store_engine(tiny_segmenter, tmp_path), labelstudio, tmp_path).run()
     serving = store_engine(tiny_segmenter, tmp_path)  # the serving host, after copying the store
-    backend = make_backend(serving, tmp_path / "serving", Credentials(labelstudio.url, labelstudio.token))
+    backend = make_backend(serving.engine, tmp_path / "serving", Credentials(labelstudio.url, labelstudio.token),
+                           store=serving.store)
     client = create_app(backend).test_client()
     for task in labelstudio.tasks[PROJECT]:
         body = predict_body(task["data"]["image"], [keypoint(25, 50)], task_id=task["id"])
         response = client.post("/predict", json=body)
         assert response.status_code == 200 and response.get_json()["results"][0]["result"]
-    assert serving.encoder_calls == 0
+    assert serving.engine.encoder_calls == 0
 
 
 def test_a_view_limits_the_tasks(labelstudio, tiny_segmenter, tmp_path, monkeypatch):
@@ -112,7 +114,7 @@ def test_image_field_from_the_label_config():
 
 
 def test_precompute_command(labelstudio, tiny_preset_dir, tmp_path, monkeypatch, capsys):
-    from sam_backend.cli import main
+    from sam_backend.commands.cli import main
 
     monkeypatch.delenv("SAM_CACHE_URL", raising=False)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model-dir"))

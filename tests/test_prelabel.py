@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sam_backend.automask import (
+from sam_backend.sam.automask import (
     AutoMaskGenerator,
     AutoMaskSettings,
     box_nms,
@@ -15,10 +15,10 @@ from sam_backend.automask import (
     stability_scores,
 )
 from sam_backend.errors import BadRequestError
-from sam_backend.labelconfig import parse_label_config
-from sam_backend.prelabel import PrelabelSettings, predict_task_masks
-from sam_backend.regions import prompts_from_task
-from sam_backend.synthetic import bounding_box, iou
+from sam_backend.labelstudio.labelconfig import parse_label_config
+from sam_backend.server.prelabel import PrelabelSettings, predict_task_masks
+from sam_backend.labelstudio.regions import prompts_from_task
+from sam_backend.sam.synthetic import bounding_box, iou
 
 from test_demo_preset import BLUE, GREEN, RED, YELLOW, box_at, disc_at, scene_with
 from test_server import LABEL_CONFIG, decode_brush
@@ -151,7 +151,7 @@ SIZE = (300, 460)
 
 @pytest.fixture(scope="module")
 def demo():
-    from sam_backend.engine import SamEngine
+    from sam_backend.sam.engine import SamEngine
 
     return SamEngine.from_preset("demo")
 
@@ -221,20 +221,21 @@ def test_boxes_decoded_together_equal_boxes_decoded_one_by_one(demo, four_shapes
 
 def test_images_encoded_together_equal_images_encoded_one_by_one(tiny_segmenter, tmp_path, rng):
     from conftest import random_image
-    from sam_backend.engine import SamEngine
-    from sam_backend.store import open_store
+    from sam_backend.embeddings.settings import open_store
+    from sam_backend.embeddings.tiers import EmbeddingTiers
+    from sam_backend.sam.engine import SamEngine
 
-    engine = SamEngine(tiny_segmenter, preset="tiny", store=open_store(cache_dir=str(tmp_path / "store")))
+    tiers = EmbeddingTiers(SamEngine(tiny_segmenter, preset="tiny"), store=open_store(cache_dir=str(tmp_path / "store")))
     images = [random_image(rng, 60, 100), random_image(rng, 120, 80), random_image(rng, 64, 64)]
-    engine.embedding_for("b", images[1])
-    calls = engine.encoder_calls
-    together = engine.embeddings_for_many([("a", images[0]), ("b", images[1]), ("c", lambda: images[2])])
-    assert engine.encoder_calls == calls + 1  # "b" was cached; "a" and "c" in one call
+    tiers.embedding_for("b", images[1])
+    calls = tiers.engine.encoder_calls
+    together = tiers.embeddings_for_many([("a", images[0]), ("b", images[1]), ("c", lambda: images[2])])
+    assert tiers.engine.encoder_calls == calls + 1  # "b" was cached; "a" and "c" in one call
     for key, image, embedding in zip("abc", images, together):
         alone = SamEngine(tiny_segmenter, preset="tiny").encode(image)
         assert embedding.frame == alone.frame
         assert np.allclose(embedding.features.cpu().numpy(), alone.features.cpu().numpy(), atol=2e-2)
-        assert engine.embedding_for(key, image) is embedding  # now in memory
-    engine.embeddings.clear()
-    engine.embeddings_for_many([("a", images[0]), ("c", images[2])])
-    assert engine.encoder_calls == calls + 1  # the store kept them
+        assert tiers.embedding_for(key, image) is embedding  # now in memory
+    tiers.memory.clear()
+    tiers.embeddings_for_many([("a", images[0]), ("c", images[2])])
+    assert tiers.engine.encoder_calls == calls + 1  # the store kept them

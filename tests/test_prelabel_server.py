@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_backend.media import Credentials
-from sam_backend.server import create_app
-from sam_backend.synthetic import bounding_box, iou
+from sam_backend.labelstudio.media import Credentials
+from sam_backend.server.app import create_app
+from sam_backend.sam.synthetic import bounding_box, iou
 
 from fake_labelstudio import FakeLabelStudio
 from test_demo_preset import BLUE, RED, box_at, disc_at, scene_with
@@ -64,7 +64,7 @@ def wait_for(condition, timeout=60.0):
 
 @pytest.fixture(scope="module")
 def demo():
-    from sam_backend.engine import SamEngine
+    from sam_backend.sam.engine import SamEngine
 
     return SamEngine.from_preset("demo")
 

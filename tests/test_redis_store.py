@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import build_tiny_segmenter, click_at_once, random_image
-from sam_backend.engine import SamEngine
+from sam_backend.embeddings.tiers import EmbeddingTiers
+from sam_backend.sam.engine import SamEngine
 from sam_backend.errors import StoreError
-from sam_backend.store import DiskStore, StoredEmbedding, entry_key, open_store
+from sam_backend.embeddings.disk_store import DiskStore
+from sam_backend.embeddings.settings import open_store
+from sam_backend.embeddings.store import StoredEmbedding, entry_key
 
 redis = pytest.importorskip("redis", reason="the redis client is installed with sam-backend[test]")
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -58,7 +61,7 @@ def redis_url(tmp_path):
 
 
 def engine_on(url, model):
-    return SamEngine(model, preset="tiny", store=open_store(url=url, required=True))
+    return EmbeddingTiers(SamEngine(model, preset="tiny"), store=open_store(url=url, required=True))
 
 
 def test_hosts_share_entries_through_redis(redis_url, tiny_segmenter, rng):
@@ -68,7 +71,7 @@ def test_hosts_share_entries_through_redis(redis_url, tiny_segmenter, rng):
     before = first.embedding_for("img-1", image)
     other_host = engine_on(redis_url, tiny_segmenter)
     after = other_host.embedding_for("img-1", lambda: pytest.fail("a stored image must not be loaded"))
-    assert (first.encoder_calls, other_host.encoder_calls) == (1, 0)
+    assert (first.engine.encoder_calls, other_host.engine.encoder_calls) == (1, 0)
     assert after.frame == before.frame
     assert float((after.features - before.features).abs().max()) == 0.0
     stats = other_host.store.stats()
@@ -94,7 +97,7 @@ def test_a_corrupt_entry_is_recomputed(redis_url, tiny_segmenter, rng, caplog):
     engine = engine_on(redis_url, tiny_segmenter)
     with caplog.at_level(logging.WARNING):
         engine.embedding_for("img-1", image)
-    assert engine.encoder_calls == 1 and "Dropping the stored embedding" in caplog.text
+    assert engine.engine.encoder_calls == 1 and "Dropping the stored embedding" in caplog.text
     assert engine.store.get(name.decode().split(":", 2)[2]) is not None
 
 
@@ -102,7 +105,7 @@ def test_concurrent_hosts_encode_one_image_once(redis_url, tiny_segmenter, rng):
     image = random_image(rng, 90, 200)
     engines = [engine_on(redis_url, tiny_segmenter) for _ in range(2)]
     click_at_once(engines, image, 6)
-    assert sum(e.encoder_calls for e in engines) == 1
+    assert sum(e.engine.encoder_calls for e in engines) == 1
     assert engines[0].store.client.keys("sam:v1:lock:*") == []
 
 
@@ -111,7 +114,7 @@ def test_a_different_preset_never_hits_the_others_entries(redis_url, tiny_segmen
     engine_on(redis_url, tiny_segmenter).embedding_for("img-1", image)
     other = engine_on(redis_url, build_tiny_segmenter(seed=1))
     other.embedding_for("img-1", image)
-    assert other.encoder_calls == 1 and len(other.store.stats().presets) == 2
+    assert other.engine.encoder_calls == 1 and len(other.store.stats().presets) == 2
 
 
 def test_an_unreachable_redis_means_memory_only(caplog):
@@ -132,12 +135,12 @@ def test_redis_going_away_costs_an_encode_not_the_click(tmp_path, tiny_segmenter
     server.stop()
     with caplog.at_level(logging.WARNING):
         embedding = engine.embedding_for("img-2", random_image(rng, 90, 200))
-    assert embedding.frame.original_size == (90, 200) and engine.encoder_calls == 2
+    assert embedding.frame.original_size == (90, 200) and engine.engine.encoder_calls == 2
     assert "Redis at" in caplog.text
 
 
 def test_cache_command_with_redis(redis_url, tiny_segmenter, rng, monkeypatch, capsys):
-    from sam_backend.cli import main
+    from sam_backend.commands.cli import main
 
     engine_on(redis_url, tiny_segmenter).embedding_for("img-1", random_image(rng, 90, 200))
     monkeypatch.setenv("SAM_CACHE_URL", redis_url)

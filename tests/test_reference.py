@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_backend.transforms import Frame, postprocess_logits, preprocess
+from sam_backend.sam.transforms import Frame, postprocess_logits, preprocess
 
 VIT_STD = np.array([0.229, 0.224, 0.225], np.float32)
 VIT_MEAN = np.array([0.485, 0.456, 0.406], np.float32)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sam_backend.errors import BadRequestError, LabelConfigError, PromptError
-from sam_backend.labelconfig import parse_label_config
-from sam_backend.regions import (
+from sam_backend.labelstudio.labelconfig import parse_label_config
+from sam_backend.labelstudio.regions import (
     brush_label_for,
     fit_mask,
     mask_to_brush_region,

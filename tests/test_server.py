@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import random_image
-from sam_backend.backend import ModelHolder, SamBackend
-from sam_backend.media import Credentials, MediaFetcher
-from sam_backend.server import create_app
+from sam_backend.server.backend import ModelHolder, SamBackend
+from sam_backend.labelstudio.media import Credentials, MediaFetcher
+from sam_backend.server.app import create_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LABEL_CONFIG = (
@@ -30,8 +30,8 @@ def fixture(name):
     return json.loads((FIXTURES / name).read_text())
 
 
-def make_backend(engine, tmp_path, credentials=None):
-    holder = ModelHolder("tiny_preset", loader=lambda preset: engine)
+def make_backend(engine, tmp_path, credentials=None, store=None):
+    holder = ModelHolder("tiny_preset", loader=lambda preset: engine, store=store)
     holder.start()
     holder.wait()
     return SamBackend(
@@ -198,7 +198,7 @@ def test_batch_without_context_warms_the_cache(engine, tmp_path, media, image):
     client = create_app(backend).test_client()
     client.post("/predict", json=predict_body(media.url + "/img.png", None))
     backend._warmup.submit(lambda: None).result(timeout=30)  # queue drained
-    assert len(engine.embeddings) == 1
+    assert len(backend.holder.embeddings().memory) == 1
     calls = engine.encoder_calls
     client.post("/predict", json=predict_body(media.url + "/img.png", [keypoint(25, 50)]))
     assert engine.encoder_calls == calls
@@ -211,7 +211,7 @@ def test_batch_of_many_tasks_does_not_queue_warmups(engine, tmp_path, media, ima
     body["tasks"] = body["tasks"] * 3
     assert len(client.post("/predict", json=body).get_json()["results"]) == 3
     backend._warmup.submit(lambda: None).result(timeout=30)
-    assert len(engine.embeddings) == 0
+    assert len(backend.holder.embeddings().memory) == 0
 
 
 # -------------------------------------------------------------- task media
@@ -248,7 +248,7 @@ def test_personal_access_token_is_exchanged(monkeypatch, tmp_path):
         seen.update(url=url, body=json)
         return Answer()
 
-    monkeypatch.setattr("sam_backend.media.requests.post", fake_post)
+    monkeypatch.setattr("sam_backend.labelstudio.media.requests.post", fake_post)
     token = MediaFetcher(cache_dir=str(tmp_path))._bearer_token(Credentials("http://ls:8080", pat))
     assert token == "e30.e30.access"
     assert seen == {"url": "http://ls:8080/api/token/refresh/", "body": {"refresh": pat}}

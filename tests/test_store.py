@@ -10,17 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import build_tiny_segmenter, click_at_once, random_image
-from sam_backend.engine import SamEngine
+from sam_backend.embeddings.tiers import EmbeddingTiers
+from sam_backend.sam.engine import SamEngine
 from sam_backend.errors import StoreError
-from sam_backend.fingerprints import fingerprint_model, fingerprint_preset_dir, image_identity
-from sam_backend.store import (
-    DiskStore,
-    StoredEmbedding,
-    decode_entry,
-    encode_entry,
-    entry_key,
-    open_store,
-)
+from sam_backend.embeddings.fingerprints import fingerprint_model, fingerprint_preset_dir, image_identity
+from sam_backend.embeddings.disk_store import DiskStore
+from sam_backend.embeddings.settings import open_store
+from sam_backend.embeddings.store import StoredEmbedding, decode_entry, encode_entry, entry_key
 
 FP = "ab12cd34ef56ab78"
 
@@ -98,7 +94,7 @@ def test_budget_evicts_the_least_recently_used_entries(tmp_path):
 
 
 def test_entries_written_by_another_process_count_against_the_budget(tmp_path, monkeypatch):
-    monkeypatch.setattr("sam_backend.store.RESCAN_SECONDS", 0.0)  # as if each write came 10 s later
+    monkeypatch.setattr("sam_backend.embeddings.disk_store.RESCAN_SECONDS", 0.0)  # as if each write came 10 s later
     size = len(encode_entry(entry()))
     mine, other = DiskStore(tmp_path, int(2.5 * size)), DiskStore(tmp_path, int(2.5 * size))
     mine.put(key("a"), entry())
@@ -143,7 +139,7 @@ def test_keys_are_checked():
 
 
 def test_decode_refuses_other_versions():
-    from sam_backend.store import CorruptEntryError
+    from sam_backend.embeddings.store import CorruptEntryError
 
     data = encode_entry(entry())
     assert decode_entry(data).input_size == 128
@@ -266,10 +262,10 @@ def test_image_identity_follows_the_content(tmp_path):
 
 @pytest.fixture()
 def counted(tiny_segmenter):
-    """Engines of the tiny model on a store; each counts its encoder calls."""
+    """Embedding tiers of the tiny model on a store; each engine counts its encoder calls."""
 
     def make(root, model=None, **kwargs):
-        return SamEngine(model or tiny_segmenter, preset="tiny", store=DiskStore(root, 1 << 30), **kwargs)
+        return EmbeddingTiers(SamEngine(model or tiny_segmenter, preset="tiny"), store=DiskStore(root, 1 << 30), **kwargs)
 
     return make
 
@@ -278,13 +274,13 @@ def test_embeddings_survive_a_restart(counted, tmp_path, rng):
     image = random_image(rng, 90, 200)
     first = counted(tmp_path)
     before = first.embedding_for("img-1", image)
-    first_click = first.decode(before, points=[[50, 45]], labels=[1])
+    first_click = first.engine.decode(before, points=[[50, 45]], labels=[1])
 
     restarted = counted(tmp_path)  # a new process: empty memory, same directory
     after = restarted.embedding_for("img-1", lambda: pytest.fail("a stored image must not even be loaded"))
-    assert first.encoder_calls == 1 and restarted.encoder_calls == 0
+    assert first.engine.encoder_calls == 1 and restarted.engine.encoder_calls == 0
     assert after.frame == before.frame
-    click = restarted.decode(after, points=[[50, 45]], labels=[1])
+    click = restarted.engine.decode(after, points=[[50, 45]], labels=[1])
     # The first click is served what the store keeps (float16), so every tier gives the same mask.
     np.testing.assert_array_equal(click.mask, first_click.mask)
     np.testing.assert_array_equal(click.scores, first_click.scores)
@@ -295,11 +291,11 @@ def test_a_different_preset_never_hits_the_others_entries(counted, tmp_path, rng
     counted(tmp_path).embedding_for("img-1", image)
     other = counted(tmp_path, model=build_tiny_segmenter(seed=1))
     other.embedding_for("img-1", image)
-    assert other.encoder_calls == 1
+    assert other.engine.encoder_calls == 1
     assert len(DiskStore(tmp_path, 1 << 30).stats().presets) == 2
     named = counted(tmp_path, fingerprint="0123456789abcdef")  # e.g. another preset directory
     named.embedding_for("img-1", image)
-    assert named.encoder_calls == 1
+    assert named.engine.encoder_calls == 1
 
 
 def test_a_corrupt_entry_is_recomputed(counted, tmp_path, rng, caplog):
@@ -310,7 +306,7 @@ def test_a_corrupt_entry_is_recomputed(counted, tmp_path, rng, caplog):
     engine = counted(tmp_path)
     with caplog.at_level(logging.WARNING):
         engine.embedding_for("img-1", image)
-    assert engine.encoder_calls == 1 and "Dropping the stored embedding" in caplog.text
+    assert engine.engine.encoder_calls == 1 and "Dropping the stored embedding" in caplog.text
     assert decode_entry(path.read_bytes()).original_size == (90, 200)  # rewritten whole
 
 
@@ -320,21 +316,21 @@ def test_an_entry_that_does_not_fit_the_model_is_recomputed(counted, tmp_path, r
     engine.store.put(k, StoredEmbedding(np.zeros((3, 3, 8), np.float16), (90, 200), (58, 128), 128))
     with caplog.at_level(logging.WARNING):
         embedding = engine.embedding_for("img-1", random_image(rng, 90, 200))
-    assert engine.encoder_calls == 1 and "do not fit this model" in caplog.text
-    assert tuple(embedding.features.shape[1:3]) == engine.embedding_size
+    assert engine.engine.encoder_calls == 1 and "do not fit this model" in caplog.text
+    assert tuple(embedding.features.shape[1:3]) == engine.engine.embedding_size
 
 
 def test_concurrent_requests_for_one_image_encode_once(counted, tmp_path, rng):
     image = random_image(rng, 90, 200)
     engines = [counted(tmp_path), counted(tmp_path)]  # two "workers", one store
     click_at_once(engines, image, 8)
-    assert sum(e.encoder_calls for e in engines) == 1
-    assert engines[0].stats.in_flight._value.get() == 0
+    assert sum(e.engine.encoder_calls for e in engines) == 1
+    assert engines[0].engine.stats.in_flight._value.get() == 0
 
 
 def test_different_images_do_not_wait_for_each_other(counted, tmp_path, rng):
     engine = counted(tmp_path)
-    real = engine._encoder
+    real = engine.engine._encoder
     gate = threading.Event()
 
     def encoder(x):
@@ -342,7 +338,7 @@ def test_different_images_do_not_wait_for_each_other(counted, tmp_path, rng):
             assert gate.wait(30)
         return real(x)
 
-    engine._encoder = encoder
+    engine.engine._encoder = encoder
     slow = np.zeros((90, 200, 3), np.uint8)
     fast = np.full((90, 200, 3), 255, np.uint8)
     thread = threading.Thread(target=engine.embedding_for, args=("slow", slow))
@@ -369,20 +365,20 @@ def test_ensure_stored_skips_what_is_stored(counted, tmp_path, rng):
     engine = counted(tmp_path)
     assert engine.ensure_stored("img-1", image) is True
     assert engine.ensure_stored("img-1", lambda: pytest.fail("not loaded")) is False
-    assert engine.encoder_calls == 1 and len(engine.embeddings) == 0
+    assert engine.engine.encoder_calls == 1 and len(engine.memory) == 0
     with pytest.raises(StoreError):
-        SamEngine(engine.model).ensure_stored("img-1", image)
+        EmbeddingTiers(SamEngine(engine.engine.model)).ensure_stored("img-1", image)
 
 
 def test_preset_directory_engines_share_entries(tiny_preset_dir, tmp_path, rng):
     store = DiskStore(tmp_path, 1 << 30)
     image = random_image(rng, 90, 200)
-    first = SamEngine.from_preset(str(tiny_preset_dir), store=store)
+    first = EmbeddingTiers(SamEngine.from_preset(str(tiny_preset_dir)), store=store)
     assert first.fingerprint == fingerprint_preset_dir(tiny_preset_dir)
     first.embedding_for("img-1", image)
-    second = SamEngine.from_preset(str(tiny_preset_dir), store=DiskStore(tmp_path, 1 << 30))
+    second = EmbeddingTiers(SamEngine.from_preset(str(tiny_preset_dir)), store=DiskStore(tmp_path, 1 << 30))
     second.embedding_for("img-1", image)
-    assert (first.encoder_calls, second.encoder_calls) == (1, 0)
+    assert (first.engine.encoder_calls, second.engine.encoder_calls) == (1, 0)
 
 
 # ---------------------------------------------------------------- command line
@@ -391,7 +387,7 @@ def test_preset_directory_engines_share_entries(tiny_preset_dir, tmp_path, rng):
 def test_cache_command_stats_and_clear(tmp_path, capsys, monkeypatch):
     import json
 
-    from sam_backend.cli import main
+    from sam_backend.commands.cli import main
 
     monkeypatch.delenv("SAM_CACHE_URL", raising=False)
     store = DiskStore(tmp_path, 1 << 20)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam_backend.transforms import IMAGENET_MEAN, Frame, postprocess_logits, preprocess, resized_shape
+from sam_backend.sam.transforms import IMAGENET_MEAN, Frame, postprocess_logits, preprocess, resized_shape
 
 SHAPES = {"landscape": (90, 200), "portrait": (200, 90), "larger_than_input": (700, 1100), "square": (64, 64)}
 

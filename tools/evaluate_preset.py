@@ -11,7 +11,7 @@ For every shape of every scene it asks for masks the way an annotator would:
   first mask's logits as ``mask_input`` (SAM's refinement loop).
 
 IoU is measured at the original image size against the true visible mask.
-The scenes come from :func:`sam_backend.synthetic.generate_scene` with a seed
+The scenes come from :func:`sam_backend.sam.synthetic.generate_scene` with a seed
 that training never uses.
 
 Usage::
@@ -32,8 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam_backend.engine import SamEngine  # noqa: E402
-from sam_backend.synthetic import bounding_box, generate_scene, interior_point, iou  # noqa: E402
+from sam_backend.sam.engine import SamEngine  # noqa: E402
+from sam_backend.sam.synthetic import bounding_box, generate_scene, interior_point, iou  # noqa: E402
 
 logger = logging.getLogger("evaluate_preset")
 

@@ -4,7 +4,7 @@ The model is keras-hub's own SAM architecture (``ViTDetBackbone``,
 ``SAMPromptEncoder``, ``SAMMaskDecoder``, ``SAMBackbone``), scaled down to a
 256-pixel input and about 2 M parameters, so that it trains on a laptop CPU
 in well under an hour and ships inside the package. It learns one thing:
-segmenting the shapes of :mod:`sam_backend.synthetic` from SAM-style prompts.
+segmenting the shapes of :mod:`sam_backend.sam.synthetic` from SAM-style prompts.
 
 The objective follows the SAM paper: a per-pixel loss + dice loss on the masks
 (SAM's focal x20 with ``--focal-weight 20 --bce-weight 0``; cross-entropy by
@@ -42,10 +42,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sam_backend  # noqa: E402,F401  (sets KERAS_BACKEND before keras loads)
-from sam_backend.engine import SamEngine  # noqa: E402
-from sam_backend.architectures import SamArchitecture, build_sam  # noqa: E402
-from sam_backend.synthetic import generate_scene  # noqa: E402
-from sam_backend.transforms import preprocess, resized_shape  # noqa: E402
+from sam_backend.sam.engine import SamEngine  # noqa: E402
+from sam_backend.sam.architectures import SamArchitecture, build_sam  # noqa: E402
+from sam_backend.sam.synthetic import generate_scene  # noqa: E402
+from sam_backend.sam.transforms import preprocess, resized_shape  # noqa: E402
 
 logger = logging.getLogger("train_demo_preset")
 
@@ -321,7 +321,7 @@ def train(args) -> None:
     arch = dataclasses.replace(ARCHITECTURE, input_size=args.input_size, patch_size=args.patch_size)
     if args.init:
         # Continue from an earlier preset (a second stage with its own schedule).
-        from sam_backend.presets import load_segmenter
+        from sam_backend.sam.presets import load_segmenter
 
         model = load_segmenter(args.init)
         size = int(model.backbone.image_encoder.input.shape[1])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from sam_backend.synthetic import Shape, bounding_box, ellipse, interior_point, rectangle, render
+from sam_backend.sam.synthetic import Shape, bounding_box, ellipse, interior_point, rectangle, render
 
 EXIF_ORIENTATION = 0x0112
 BACKGROUND = (((150, 150, 150), (110, 120, 135)), "gradient", 0.4, 8.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sam_backend.synthetic import iou
+from sam_backend.sam.synthetic import iou
 from scenes import check_exif_image, decode_brush, keypoint_region, rectangle_region
 
 IMAGES = ["landscape.jpg", "portrait.jpg", "exif-rotated.jpg", "grayscale.png", "alpha.png"]

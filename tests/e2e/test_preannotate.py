@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from sam_backend.synthetic import bounding_box, iou
+from sam_backend.sam.synthetic import bounding_box, iou
 from harness import Backend, make_project, wait_for
 from scenes import decode_brush, rectangle_region
 

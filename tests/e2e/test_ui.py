@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import E2EError, make_project
-from sam_backend.synthetic import iou
+from sam_backend.sam.synthetic import iou
 from scenes import decode_brush
 
 CHROMIUM = os.environ.get("SAM_E2E_CHROMIUM", "/usr/bin/chromium")

@@ -285,7 +285,7 @@ def bounding_box(mask: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sam_backend.synthetic OUT.png [OUT2.jpg ...] [--seed N]``: images to try the demo preset on."""
+    """``python -m sam_backend.sam.synthetic OUT.png [OUT2.jpg ...] [--seed N]``: images to try the demo preset on."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Write generated scenes of shapes, to label with the demo preset.")

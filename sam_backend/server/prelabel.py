@@ -17,10 +17,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from sam_backend.automask import AutoMaskGenerator, AutoMaskSettings
+from sam_backend.sam.automask import AutoMaskGenerator, AutoMaskSettings
 from sam_backend.errors import BadRequestError
-from sam_backend.labelconfig import LabelConfig
-from sam_backend.regions import brush_label_for, fit_mask, mask_to_brush_region, prompts_from_task
+from sam_backend.labelstudio.labelconfig import LabelConfig
+from sam_backend.labelstudio.regions import brush_label_for, fit_mask, mask_to_brush_region, prompts_from_task
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def predict_task_masks(engine, embedding, task: dict, config: LabelConfig, setti
     """Brush regions for ``task`` without an annotator's click.
 
     Args:
-        engine: a :class:`~sam_backend.engine.SamEngine`.
+        engine: a :class:`~sam_backend.sam.engine.SamEngine`.
         embedding: the task image's embedding.
         task: the task as Label Studio sends it.
         config: the parsed label config.

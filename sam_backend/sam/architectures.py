@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sam_backend.presets import import_keras_hub
+from sam_backend.sam.presets import import_keras_hub
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Hashable
 
 import numpy as np
 
 import sam_backend  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
-from sam_backend.cache import DEFAULT_BUDGET_BYTES, LRUCache
-from sam_backend.errors import PromptError, StoreError
-from sam_backend.fingerprints import fingerprint_model, fingerprint_preset_dir
-from sam_backend.images import ImageSource, load_image
-from sam_backend.metrics import EngineStats
-from sam_backend.presets import import_keras_hub, load_segmenter, resolve_preset
-from sam_backend.store import EmbeddingStore, StoredEmbedding, entry_key
-from sam_backend.transforms import Frame, postprocess_logits, preprocess
+from sam_backend.errors import PromptError
+from sam_backend.sam.images import ImageSource, load_image
+from sam_backend.sam.stats import EngineStats
+from sam_backend.sam.presets import import_keras_hub, load_segmenter, resolve_preset
+from sam_backend.sam.transforms import Frame, postprocess_logits, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -102,22 +97,20 @@ class SamEngine:
     """Encode images and decode prompts with a keras-hub ``SAMImageSegmenter``.
 
     The image encoder (the expensive part) runs once per image: ``encode``
-    returns an :class:`Embedding` that ``decode`` reuses for every prompt, and
-    ``embedding_for`` keeps recent embeddings in a byte-bounded LRU keyed by the
-    image's identity. Pre- and post-processing reproduce Meta's
-    ``SamPredictor``. Sizes (input, embedding, mask) are read from the model,
-    so small presets work as well as ``sam_huge_sa1b``.
+    returns an :class:`Embedding` that ``decode`` reuses for every prompt.
+    Keeping embeddings between requests is not the engine's job but
+    :class:`~sam_backend.embeddings.tiers.EmbeddingTiers`'. Pre- and
+    post-processing reproduce Meta's ``SamPredictor``. Sizes (input,
+    embedding, mask) are read from the model, so small presets work as well
+    as ``sam_huge_sa1b``.
 
     Args:
         model: a ``keras_hub.models.SAMImageSegmenter``.
         preset: the name it was loaded from (for logs and model versions).
         device: torch device to run on (``"cpu"``, ``"cuda"``, ``"cuda:1"``);
             None lets keras choose (CUDA when present).
-        cache_bytes: budget of the in-memory embedding cache.
-        store: a persistent :class:`~sam_backend.store.EmbeddingStore` behind
-            the memory cache (shared by workers, kept across restarts), or None.
-        fingerprint: the preset's identity in store keys; default a hash of
-            the model's config and weights (computed once, when a store is given).
+        preset_dir: the local directory the preset was loaded from, if any
+            (hashing its files identifies the weights cheaply).
 
     Example:
         >>> engine = SamEngine.from_preset("sam_base_sa1b")  # doctest: +SKIP
@@ -132,9 +125,7 @@ class SamEngine:
         model,
         preset: str = "custom",
         device: str | None = None,
-        cache_bytes: int | None = None,
-        store: EmbeddingStore | None = None,
-        fingerprint: str | None = None,
+        preset_dir: str | None = None,
     ):
         self.model = model
         self.preset = preset
@@ -147,18 +138,10 @@ class SamEngine:
         self.embedding_size = tuple(int(d) for d in self._encoder.output.shape[1:3])
         self.embedding_channels = int(self._encoder.output.shape[-1])
         self.mask_input_size = tuple(4 * d for d in self.embedding_size)
-        if cache_bytes is None:
-            mb = os.environ.get("SAM_MEMORY_CACHE_MB")
-            cache_bytes = int(float(mb) * 1024 * 1024) if mb else DEFAULT_BUDGET_BYTES
-        self.embeddings: LRUCache[Embedding] = LRUCache(cache_bytes, lambda e: e.nbytes)
         self.encoder_calls = 0
         self.load_seconds: float | None = None
         self.stats = EngineStats()
-        self.store = store
-        self._fingerprint = fingerprint
-        self._fingerprint_lock = threading.Lock()
-        if store is not None:
-            self.fingerprint  # noqa: B018  (hash the weights at load, not on the first click)
+        self.preset_dir = preset_dir
 
     @classmethod
     def from_preset(cls, preset: str, device: str | None = None, **kwargs) -> "SamEngine":
@@ -169,14 +152,10 @@ class SamEngine:
                 was tried and how to use a local preset.
         """
         started = time.perf_counter()
-        with _device_scope(device or os.environ.get("SAM_DEVICE")):
+        with device_scope(device or os.environ.get("SAM_DEVICE")):
             model = load_segmenter(preset)
         resolved = resolve_preset(preset)
-        if os.path.isdir(resolved) and "fingerprint" not in kwargs:
-            try:  # hashing the files is cheaper than hashing the loaded weights
-                kwargs["fingerprint"] = fingerprint_preset_dir(resolved)
-            except (OSError, ValueError) as exc:
-                logger.info("Fingerprinting the loaded model instead of %s: %s", resolved, exc)
+        kwargs.setdefault("preset_dir", resolved if os.path.isdir(resolved) else None)
         engine = cls(model, preset=preset, device=device, **kwargs)
         engine.load_seconds = time.perf_counter() - started
         logger.info(
@@ -191,21 +170,11 @@ class SamEngine:
         return engine
 
     @property
-    def fingerprint(self) -> str:
-        """The preset's identity in store keys (a hash of its config and weights)."""
-        with self._fingerprint_lock:
-            if self._fingerprint is None:
-                started = time.perf_counter()
-                self._fingerprint = fingerprint_model(self.model)
-                logger.info("Fingerprinted %s in %.1fs: %s", self.preset, time.perf_counter() - started, self._fingerprint[:16])
-            return self._fingerprint
-
-    @property
     def device_name(self) -> str:
         """The torch device inference runs on."""
         import keras
 
-        with _device_scope(self.device):
+        with device_scope(self.device):
             return str(keras.ops.convert_to_tensor(0.0).device)
 
     def warm_up(self) -> None:
@@ -213,7 +182,7 @@ class SamEngine:
         from keras import ops
 
         size = self.input_size
-        with _device_scope(self.device):
+        with device_scope(self.device):
             features = ops.convert_to_tensor(np.zeros((1, *self.embedding_size, self.embedding_channels), np.float32))
         frame = Frame.for_image((size, size), size)
         points = frame.to_model(np.array([[size / 2, size / 2]], np.float32))
@@ -227,7 +196,7 @@ class SamEngine:
 
         Args:
             image: an ``(H, W, 3)`` uint8 RGB array, or anything
-                :func:`sam_backend.images.load_image` accepts.
+                :func:`sam_backend.sam.images.load_image` accepts.
         """
         rgb = image if _is_rgb_uint8(image) else load_image(image)
         frame = Frame.for_image(rgb.shape[:2], self.input_size)
@@ -245,181 +214,30 @@ class SamEngine:
         import torch
         from keras import ops
 
-        with torch.inference_mode(), _device_scope(self.device):
+        with torch.inference_mode(), device_scope(self.device):
             self.encoder_calls += 1
             features = self._encoder(ops.convert_to_tensor(batch, dtype="float32"))
             return features.float()
 
-    def embedding_for(self, key: Hashable, image: ImageSource | Callable[[], ImageSource]) -> Embedding:
-        """The embedding of the image identified by ``key``, encoded at most once.
-
-        Looks in the memory cache, then in the store (if any), and encodes
-        only when both miss; threads of a process (memory cache) and workers
-        sharing a store (its lock) asking for the same new image encode it once.
-        ``image`` may be a callable that loads the image, so that a cached
-        image is not even read. With a store, ``key`` must be a string that
-        identifies the image's content (:func:`~sam_backend.fingerprints.image_identity`).
-        """
-        computed = False
-
-        def compute() -> Embedding:
-            nonlocal computed
-            computed = True
-            self.stats.lookup("memory", hit=False)
-            if self.store is None:
-                return self._encode_logged(key, image)
-            return self._stored_or_encoded(str(key), image)
-
-        embedding = self.embeddings.get_or_compute(key, compute)
-        if not computed:
-            self.stats.lookup("memory", hit=True)
-            if self.store is not None:
-                self._touch_store(str(key))
-        return embedding
-
-    def _touch_store(self, key: str) -> None:
-        """Tell the store that its entry is in use, so that its LRU does not evict an image served from memory."""
-        try:
-            self.store.touch(entry_key(self.fingerprint, key))
-        except Exception as exc:
-            logger.debug("Embedding store %s failed to touch %s: %s", self.store.location, key, exc)
-
-    def embeddings_for_many(self, items: list[tuple[Hashable, ImageSource | Callable[[], ImageSource]]]) -> list[Embedding]:
-        """:meth:`embedding_for` for several images, encoding those no tier has in one encoder call.
+    def encode_many(self, images: list[ImageSource]) -> list[Embedding]:
+        """Encode several images in one encoder call, in order.
 
         On a GPU a batch of images costs little more than one; on a CPU it
-        costs the same as one by one. Results are in the order of ``items``.
+        costs the same as one by one.
         """
-        results: list[Embedding | None] = [self.embeddings.get(key) for key, _ in items]
-        tier = getattr(self.store, "tier", "store")
-        for index, (key, _) in enumerate(items):
-            self.stats.lookup("memory", hit=results[index] is not None)
-            if results[index] is None and self.store is not None:
-                results[index] = self._load_stored(entry_key(self.fingerprint, str(key)))
-                self.stats.lookup(tier, hit=results[index] is not None)
-                if results[index] is not None:
-                    self.embeddings.put(key, results[index])
-        missing = [i for i, result in enumerate(results) if result is None]
-        if missing:
-            images = []
-            for i in missing:
-                image = items[i][1]
-                image = image() if callable(image) else image
-                images.append(image if _is_rgb_uint8(image) else load_image(image))
-            started = time.perf_counter()
-            self.stats.in_flight.inc(len(missing))
-            try:
-                with self.stats.encode_seconds.time():
-                    features = self.encode_batch(np.stack([preprocess(rgb, self.input_size) for rgb in images]))
-            finally:
-                self.stats.in_flight.dec(len(missing))
-            logger.info("Encoded %d image(s) in one batch in %.2fs", len(missing), time.perf_counter() - started)
-            for j, (i, rgb) in enumerate(zip(missing, images)):
-                embedding = Embedding(features[j : j + 1], Frame.for_image(rgb.shape[:2], self.input_size))
-                if self.store is not None:
-                    self._write_store(entry_key(self.fingerprint, str(items[i][0])), embedding)
-                self.embeddings.put(items[i][0], embedding)
-                results[i] = embedding
-        return results
-
-    def ensure_stored(self, key: str, image: ImageSource | Callable[[], ImageSource]) -> bool:
-        """Put the embedding of ``key`` into the store unless it is there; True if encoded now.
-
-        For precomputing: the memory cache is left alone, and a stored entry
-        is checked but not loaded onto the device.
-
-        Raises:
-            StoreError: the engine has no store, or the entry cannot be written.
-        """
-        if self.store is None:
-            raise StoreError("This engine has no embedding store to fill.")
-        store_key = entry_key(self.fingerprint, key)
-        if self._read_store(store_key) is not None:
-            return False
-        with self.store.lock(store_key):
-            if self._read_store(store_key) is not None:
-                return False
-            embedding = self._encode_logged(key, image)
-            if not self.store.put(store_key, self._to_stored(embedding)):
-                raise StoreError(f"Could not write the embedding of {key} to {self.store.location}; see the log.")
-            return True
-
-    def _encode_logged(self, key, image) -> Embedding:
+        rgbs = [image if _is_rgb_uint8(image) else load_image(image) for image in images]
+        if not rgbs:
+            return []
         started = time.perf_counter()
-        embedding = self.encode(image() if callable(image) else image)
-        logger.info("Encoded %s in %.2fs", key, time.perf_counter() - started)
-        return embedding
-
-    def _stored_or_encoded(self, key: str, image) -> Embedding:
-        store_key = entry_key(self.fingerprint, key)
-        tier = getattr(self.store, "tier", "store")
-        embedding = self._load_stored(store_key)
-        if embedding is None:
-            with self.store.lock(store_key):
-                # Another worker may have encoded it while we waited for the lock.
-                embedding = self._load_stored(store_key)
-                if embedding is None:
-                    self.stats.lookup(tier, hit=False)
-                    embedding = self._encode_logged(key, image)
-                    self._write_store(store_key, embedding)
-                    return embedding
-        self.stats.lookup(tier, hit=True)
-        logger.info("Loaded the embedding of %s from %s", key, self.store.location)
-        return embedding
-
-    def _read_store(self, store_key: str) -> StoredEmbedding | None:
-        """The stored entry if it fits this model; a misfit is dropped. Store failures count as misses."""
+        self.stats.in_flight.inc(len(rgbs))
         try:
-            entry = self.store.get(store_key)
-        except Exception as exc:  # a store failure must cost an encode, never the request
-            logger.warning("Embedding store %s failed to read (%s: %s); encoding instead.",
-                           self.store.location, type(exc).__name__, exc)
-            return None
-        if entry is None:
-            return None
-        expected = (*self.embedding_size, self.embedding_channels)
-        frame = Frame.for_image(entry.original_size, self.input_size)
-        if entry.features.shape != expected or entry.input_size != self.input_size or frame.resized_size != entry.resized_size:
-            logger.warning("Dropping the stored embedding %s: features %s for input %d do not fit this model (%s, %d).",
-                           store_key, entry.features.shape, entry.input_size, expected, self.input_size)
-            self._discard_store(store_key)
-            return None
-        return entry
-
-    def _load_stored(self, store_key: str) -> Embedding | None:
-        entry = self._read_store(store_key)
-        if entry is None:
-            return None
-        from keras import ops
-
-        with _device_scope(self.device):
-            features = ops.convert_to_tensor(entry.features.astype(np.float32)[None])
-        return Embedding(features=features, frame=Frame.for_image(entry.original_size, self.input_size))
-
-    def _to_stored(self, embedding: Embedding) -> StoredEmbedding:
-        import torch
-
-        features = embedding.features[0].detach().to(torch.float16).cpu().numpy()
-        frame = embedding.frame
-        return StoredEmbedding(features, tuple(frame.original_size), tuple(frame.resized_size), frame.input_size)
-
-    def _write_store(self, store_key: str, embedding: Embedding) -> None:
-        """Store ``embedding`` and keep only what the store keeps (float16) in it too.
-
-        So a click gives the same mask whichever tier serves the embedding.
-        """
-        embedding.features = embedding.features.half().float()
-        try:
-            self.store.put(store_key, self._to_stored(embedding))
-        except Exception as exc:
-            logger.warning("Embedding store %s failed to write (%s: %s); serving from memory.",
-                           self.store.location, type(exc).__name__, exc)
-
-    def _discard_store(self, store_key: str) -> None:
-        try:
-            self.store.discard(store_key)
-        except Exception as exc:
-            logger.warning("Embedding store %s failed to delete %s (%s)", self.store.location, store_key, exc)
+            with self.stats.encode_seconds.time():
+                features = self.encode_batch(np.stack([preprocess(rgb, self.input_size) for rgb in rgbs]))
+        finally:
+            self.stats.in_flight.dec(len(rgbs))
+        logger.info("Encoded %d image(s) in one batch in %.2fs", len(rgbs), time.perf_counter() - started)
+        return [Embedding(features[j : j + 1], Frame.for_image(rgb.shape[:2], self.input_size))
+                for j, rgb in enumerate(rgbs)]
 
     # ---------------------------------------------------------------- decode
 
@@ -526,7 +344,7 @@ class SamEngine:
         """
         import torch
 
-        with torch.inference_mode(), _device_scope(self.device):
+        with torch.inference_mode(), device_scope(self.device):
             logits, iou = self.decode_tensors(features, points, labels, boxes, mask_inputs)
             return logits.float(), iou.float()
 
@@ -556,21 +374,13 @@ class SamEngine:
 
     # --------------------------------------------------------------- predict
 
-    def predict(
-        self,
-        image: ImageSource | Callable[[], ImageSource],
-        key: Hashable | None = None,
-        **prompt,
-    ) -> Prediction:
-        """``decode(embedding_for(key, image), **prompt)``: the whole path for one click.
+    def predict(self, image: ImageSource, **prompt) -> Prediction:
+        """``decode(encode(image), **prompt)``: one prompt on an image encoded for it alone.
 
-        Without ``key`` the image is encoded every time.
+        To encode an image once for many prompts, keep the :class:`Embedding`
+        (or use :class:`~sam_backend.embeddings.tiers.EmbeddingTiers`).
         """
-        if key is None:
-            embedding = self.encode(image() if callable(image) else image)
-        else:
-            embedding = self.embedding_for(key, image)
-        return self.decode(embedding, **prompt)
+        return self.decode(self.encode(image), **prompt)
 
 
 def validate_prompt(points, labels, box, size: tuple[int, int]):
@@ -615,7 +425,8 @@ def _is_rgb_uint8(image) -> bool:
     return isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
 
 
-def _device_scope(device: str | None):
+def device_scope(device: str | None):
+    """A keras device scope for ``device`` (``"cuda:1"``...), or no scope for None."""
     if not device:
         return contextlib.nullcontext()
     import_keras_hub()  # keras is imported with the right backend and quietly

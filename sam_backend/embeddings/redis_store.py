@@ -1,6 +1,6 @@
 """An embedding store in Redis, for several backend hosts behind one load balancer.
 
-Same keys and the same ``.npz`` entries as :class:`~sam_backend.store.DiskStore`;
+Same keys and the same ``.npz`` entries as :class:`~sam_backend.embeddings.store.DiskStore`;
 Redis itself bounds the size: give the server a ``maxmemory`` and
 ``maxmemory-policy allkeys-lru``. Selected by ``SAM_CACHE_URL=redis://host:6379/0``.
 """
@@ -13,7 +13,7 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 from sam_backend.errors import StoreError
-from sam_backend.store import (
+from sam_backend.embeddings.store import (
     FORMAT_VERSION,
     LOCK_TIMEOUT_SECONDS,
     CorruptEntryError,

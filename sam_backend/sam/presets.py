@@ -12,7 +12,7 @@ from sam_backend.errors import PresetLoadError
 logger = logging.getLogger(__name__)
 
 #: Presets shipped inside the package, addressable by their directory name.
-SHIPPED_PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+SHIPPED_PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEFAULT_PRESET = "sam_base_sa1b"
 BUILTIN_SAM_PRESETS = ("sam_base_sa1b", "sam_large_sa1b", "sam_huge_sa1b")
 

@@ -15,19 +15,24 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
+from sam_backend.embeddings.fingerprints import image_identity
 from sam_backend.errors import LabelConfigError, SamBackendError, StoreError
-from sam_backend.fingerprints import image_identity
-from sam_backend.images import load_image
-from sam_backend.labelconfig import parse_label_config
-from sam_backend.labelstudio import LabelStudioError, LabelStudioProject, RunSummary
-from sam_backend.media import Credentials, MediaFetcher
+from sam_backend.labelstudio.api import LabelStudioError, LabelStudioProject, RunSummary
+from sam_backend.labelstudio.labelconfig import parse_label_config
+from sam_backend.labelstudio.media import Credentials, MediaFetcher
+from sam_backend.sam.images import load_image
+
+if TYPE_CHECKING:
+    from sam_backend.embeddings.tiers import EmbeddingTiers
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PrecomputeSummary(RunSummary):
-    """What a run did (and :class:`~sam_backend.labelstudio.RunSummary`'s failures and interruption).
+    """What a run did (and :class:`~sam_backend.labelstudio.api.RunSummary`'s failures and interruption).
 
     Attributes:
         tasks: tasks seen.
@@ -77,13 +82,13 @@ def image_data_key(label_config: str) -> str:
 
 
 class Precomputer:
-    """Encodes the images of a project's tasks into an engine's store.
+    """Encodes the images of a project's tasks into an embedding store.
 
     Images are fetched (and hashed) by a few threads ahead of the encoder, so
     downloads overlap encoding.
 
     Args:
-        engine: a :class:`~sam_backend.engine.SamEngine` with a store.
+        embeddings: :class:`~sam_backend.embeddings.tiers.EmbeddingTiers` with a store.
         project: the Label Studio project.
         credentials: for task media (Label Studio's URL and token).
         view: only the tasks of this data manager view.
@@ -93,18 +98,18 @@ class Precomputer:
         progress: show a progress bar.
 
     Example:
-        >>> engine = SamEngine.from_preset("sam_base_sa1b", store=open_store(required=True))  # doctest: +SKIP
+        >>> tiers = EmbeddingTiers(SamEngine.from_preset("sam_base_sa1b"), store=open_store(required=True))  # doctest: +SKIP
         >>> project = LabelStudioProject("http://localhost:8080", "<token>", 3)  # doctest: +SKIP
-        >>> Precomputer(engine, project, Credentials("http://localhost:8080", "<token>")).run().lines()  # doctest: +SKIP
+        >>> Precomputer(tiers, project, Credentials("http://localhost:8080", "<token>")).run().lines()  # doctest: +SKIP
         ['120 task(s) in 2400s: 118 encoded, 2 already stored, 0 without an image, 0 failed']
     """
 
-    def __init__(self, engine, project: LabelStudioProject, credentials: Credentials, view: int | None = None,
+    def __init__(self, embeddings: EmbeddingTiers, project: LabelStudioProject, credentials: Credentials, view: int | None = None,
                  data_key: str | None = None, fetcher: MediaFetcher | None = None, fetch_threads: int = 4,
                  progress: bool = True):
-        if engine.store is None:
+        if embeddings.store is None:
             raise StoreError("precompute needs an embedding store; none is configured or it is not writable.")
-        self.engine, self.project, self.credentials = engine, project, credentials
+        self.embeddings, self.project, self.credentials = embeddings, project, credentials
         self.view, self.data_key = view, data_key
         self.fetcher = fetcher or MediaFetcher()
         self.fetch_threads = max(1, fetch_threads)
@@ -126,7 +131,7 @@ class Precomputer:
         data_key = self.data_key or image_data_key(self.project.label_config())
         total = self.project.count_tasks(self.view)
         logger.info("Precomputing %d task(s) of project %s (image field %r) into %s",
-                    total, self.project.project, data_key, self.engine.store.location)
+                    total, self.project.project, data_key, self.embeddings.store.location)
         bar = tqdm(total=total, unit="image", disable=not self.progress, dynamic_ncols=True,
                    desc=f"project {self.project.project}")
         pool = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="sam-fetch")
@@ -182,7 +187,7 @@ class Precomputer:
             return
         try:
             url, identity, path = future.result()
-            encoded = self.engine.ensure_stored(
+            encoded = self.embeddings.ensure_stored(
                 identity, lambda: load_image(path, name=f"The image of task {task_id} ({url})")
             )
         except StoreError:

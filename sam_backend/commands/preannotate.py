@@ -18,16 +18,16 @@ import time
 from dataclasses import dataclass
 
 from sam_backend.errors import SamBackendError
-from sam_backend.labelconfig import parse_label_config
-from sam_backend.labelstudio import LabelStudioError, LabelStudioProject, RunSummary
-from sam_backend.prelabel import PrelabelSettings
+from sam_backend.labelstudio.labelconfig import parse_label_config
+from sam_backend.labelstudio.api import LabelStudioError, LabelStudioProject, RunSummary
+from sam_backend.server.prelabel import PrelabelSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Summary(RunSummary):
-    """What a run did (and :class:`~sam_backend.labelstudio.RunSummary`'s failures and interruption).
+    """What a run did (and :class:`~sam_backend.labelstudio.api.RunSummary`'s failures and interruption).
 
     Attributes:
         done: tasks given a prediction (uploaded, or computed in a dry run).
@@ -59,7 +59,7 @@ class Summary(RunSummary):
 
 
 class Preannotator:
-    """Pre-annotate one project with a :class:`~sam_backend.backend.SamBackend`.
+    """Pre-annotate one project with a :class:`~sam_backend.server.backend.SamBackend`.
 
     Args:
         backend: computes predictions (its model must be loaded).
@@ -188,7 +188,7 @@ class Preannotator:
         if len(tasks) < 2 or not engine.device_name.startswith("cuda"):
             return
         try:
-            self.backend.encode_tasks(engine, tasks, config, self.project.project)
+            self.backend.encode_tasks(tasks, config, self.project.project)
         except SamBackendError as exc:
             logger.info("Batch encoding skipped (%s); images are encoded one by one", exc)
 

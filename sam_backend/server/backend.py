@@ -14,25 +14,30 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sam_backend import __version__
+from sam_backend.embeddings.fingerprints import image_identity
 from sam_backend.errors import BadRequestError, ImageError, LabelConfigError, ModelNotReadyError, SamBackendError
-from sam_backend.fingerprints import image_identity
-from sam_backend.images import load_image
-from sam_backend.labelconfig import LabelConfig, parse_label_config
-from sam_backend.media import Credentials, MediaFetcher
-from sam_backend.jobs import Outcome, PredictionJobs
-from sam_backend.labelstudio import LabelStudioError, LabelStudioProject
-from sam_backend.prelabel import PrelabelSettings, predict_task_masks
-from sam_backend.presets import default_preset
-from sam_backend.refinement import RefinementMemory, prompt_signature
-from sam_backend.regions import (
+from sam_backend.labelstudio.api import LabelStudioError, LabelStudioProject
+from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config
+from sam_backend.labelstudio.media import Credentials, MediaFetcher
+from sam_backend.labelstudio.regions import (
     brush_label_for,
     fit_mask,
     mask_to_brush_region,
     prompt_from_context,
     prompts_from_task,
 )
+from sam_backend.sam.images import load_image
+from sam_backend.sam.presets import default_preset
+from sam_backend.server.jobs import Outcome, PredictionJobs
+from sam_backend.server.prelabel import PrelabelSettings, predict_task_masks
+from sam_backend.server.refinement import RefinementMemory, prompt_signature
+
+if TYPE_CHECKING:
+    from sam_backend.embeddings.store import EmbeddingStore
+    from sam_backend.embeddings.tiers import EmbeddingTiers
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +47,32 @@ DEFAULT_PREDICT_BUDGET = 60.0
 
 
 class ModelHolder:
-    """Loads a :class:`~sam_backend.engine.SamEngine` once, in the background.
+    """Loads a :class:`~sam_backend.sam.engine.SamEngine` and its embedding tiers once, in the background.
 
     ``state`` is ``"loading"``, ``"ready"`` or ``"failed"``; :meth:`engine`
-    raises :class:`ModelNotReadyError` until the model is ready, with the load
-    error once it failed (no crash loop: the worker stays up to say why).
+    and :meth:`embeddings` raise :class:`ModelNotReadyError` until the model
+    is ready, with the load error once it failed (no crash loop: the worker
+    stays up to say why).
 
     Args:
         preset: what to load.
-        loader: ``preset -> engine``; defaults to ``SamEngine.from_preset``
-            with the embedding store the environment configures
-            (:func:`sam_backend.store.open_store`).
+        loader: ``preset -> engine``; defaults to ``SamEngine.from_preset``.
+        store: the embedding store behind the memory cache. Default: with the
+            default loader, the store the environment configures
+            (:func:`sam_backend.embeddings.settings.open_store`); with a
+            ``loader``, none (memory only).
+
+    Example:
+        >>> holder = ModelHolder("sam_base_sa1b").start()  # doctest: +SKIP
+        >>> holder.wait(); holder.state  # doctest: +SKIP
+        'ready'
     """
 
-    def __init__(self, preset: str, loader=None):
+    def __init__(self, preset: str, loader=None, store: EmbeddingStore | None = None):
         self.preset = preset
         self._loader = loader
+        self._store = store
+        self._embeddings: EmbeddingTiers | None = None
         self.state = "loading"
         self.error: str | None = None
         self.load_seconds: float | None = None
@@ -77,20 +92,25 @@ class ModelHolder:
     def _load(self) -> None:
         started = time.perf_counter()
         try:
+            store = self._store
             if self._loader is None:
-                from sam_backend.engine import SamEngine
-                from sam_backend.store import open_store
+                from sam_backend.embeddings.settings import open_store
+                from sam_backend.sam.engine import SamEngine
 
-                engine = SamEngine.from_preset(self.preset, store=open_store())
+                engine = SamEngine.from_preset(self.preset)
+                store = store if store is not None else open_store()
             else:
                 engine = self._loader(self.preset)
+            from sam_backend.embeddings.tiers import EmbeddingTiers
+
+            embeddings = EmbeddingTiers(engine, store=store) if engine is not None else None
         except Exception as exc:  # reported through /health and /predict
             self.error = str(exc) if isinstance(exc, SamBackendError) else f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             logger.error("Model %s failed to load: %s", self.preset, self.error)
         else:
             _warm_up(engine)
-            self._engine = engine
+            self._engine, self._embeddings = engine, embeddings
             self.load_seconds = time.perf_counter() - started
             self.state = "ready"
         finally:
@@ -111,8 +131,26 @@ class ModelHolder:
         Raises:
             ModelNotReadyError: still loading, or failed to load.
         """
+        self._check_ready()
+        return self._engine
+
+    def embeddings(self) -> EmbeddingTiers:
+        """The loaded engine's embedding tiers (memory, store, encoder).
+
+        Raises:
+            ModelNotReadyError: still loading, or failed to load.
+        """
+        self._check_ready()
+        return self._embeddings
+
+    @property
+    def loaded_embeddings(self) -> EmbeddingTiers | None:
+        """The embedding tiers once ready, else None (never raises)."""
+        return self._embeddings if self.state == "ready" else None
+
+    def _check_ready(self) -> None:
         if self.state == "ready":
-            return self._engine
+            return
         if self.state == "failed":
             raise ModelNotReadyError(f"The model {self.preset!r} failed to load: {self.error}")
         raise ModelNotReadyError(f"The model {self.preset!r} is still loading; try again in a few seconds.")
@@ -212,7 +250,7 @@ class SamBackend:
 
         With a context (an annotator's smart regions) each task gets the mask
         for those prompts. Without one, the pre-labeling mode decides
-        (:mod:`sam_backend.prelabel`): masks from the task's own boxes, or
+        (:mod:`sam_backend.server.prelabel`): masks from the task's own boxes, or
         automatic ones, computed within ``predict_budget`` seconds, the rest
         posted to Label Studio later. With nothing to compute, each task gets
         an empty result, and a single task (one being opened) has its image
@@ -237,7 +275,7 @@ class SamBackend:
 
     def _predict_task(self, engine, task: dict, config: LabelConfig, context: dict, project) -> dict:
         url, task_id = _image_url(task, config)
-        image_key, embedding = self._keyed_embedding(engine, url, task_id, project or task.get("project"))
+        image_key, embedding = self._keyed_embedding(url, task_id, project or task.get("project"))
         prompt = prompt_from_context(context, config, embedding.frame.original_size)
         if not prompt:
             logger.info("Task %s: the context has no smart keypoint or rectangle for %r", task_id, config.image_name)
@@ -260,14 +298,14 @@ class SamBackend:
         )
         return self._prediction([region], prediction.score)
 
-    def _embedding(self, engine, url: str, task_id, project):
+    def _embedding(self, url: str, task_id, project):
         """Fetch the task's image and encode it, unless its embedding is cached."""
-        return self._keyed_embedding(engine, url, task_id, project)[1]
+        return self._keyed_embedding(url, task_id, project)[1]
 
-    def _keyed_embedding(self, engine, url: str, task_id, project):
+    def _keyed_embedding(self, url: str, task_id, project):
         """``(image key, embedding)`` of the task's image (fetched; encoded unless cached or stored)."""
         key, loader = self._image_source(url, task_id, project)
-        return key, engine.embedding_for(key, loader)
+        return key, self.holder.embeddings().embedding_for(key, loader)
 
     def _image_source(self, url: str, task_id, project):
         """``(image key, loader)``: the task's image fetched, identified, and loaded only if needed."""
@@ -347,13 +385,13 @@ class SamBackend:
         url, _ = _image_url(task, config)
         return self._prelabel_task(self.holder.engine(), task, url, config, settings, project)
 
-    def encode_tasks(self, engine, tasks: list[dict], config: LabelConfig, project=None) -> None:
+    def encode_tasks(self, tasks: list[dict], config: LabelConfig, project=None) -> None:
         """Fetch the tasks' images and encode those not cached in one encoder call (GPU batches)."""
         items = [self._image_source(*_image_url(task, config), project or task.get("project")) for task in tasks]
-        engine.embeddings_for_many(items)
+        self.holder.embeddings().embeddings_for_many(items)
 
     def _prelabel_task(self, engine, task: dict, url: str, config: LabelConfig, settings: PrelabelSettings, project) -> dict:
-        embedding = self._embedding(engine, url, task.get("id"), project or task.get("project"))
+        embedding = self._embedding(url, task.get("id"), project or task.get("project"))
         found = predict_task_masks(engine, embedding, task, config, settings)
         logger.info("Task %s: %d mask(s) from %s", task.get("id"), len(found.regions), found.source)
         return self._prediction(found.regions, found.score)
@@ -384,7 +422,7 @@ class SamBackend:
 
         def warm():
             try:
-                self._embedding(self.holder.engine(), url, task_id, project or task.get("project"))
+                self._embedding(url, task_id, project or task.get("project"))
             except SamBackendError as exc:
                 logger.info("Warm-up of task %s skipped: %s", task_id, exc)
             except Exception:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from sam_backend.errors import BadRequestError, PromptError
-from sam_backend.labelconfig import LabelConfig
+from sam_backend.labelstudio.labelconfig import LabelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def prompt_from_context(context: dict | None, config: LabelConfig, image_size: t
         PromptError: a rectangle has zero width or height.
 
     Example:
-        >>> from sam_backend.labelconfig import LabelConfig
+        >>> from sam_backend.labelstudio.labelconfig import LabelConfig
         >>> cfg = LabelConfig("image", "image", "brush", ("Cat",), ("kp",), ())
         >>> ctx = {"result": [{"from_name": "kp", "to_name": "image", "type": "keypointlabels",
         ...        "original_width": 200, "original_height": 100, "is_positive": True,
@@ -130,7 +130,7 @@ def prompts_from_task(task: dict, config: LabelConfig, image_size: tuple[int, in
         BadRequestError: a region is malformed.
 
     Example:
-        >>> from sam_backend.labelconfig import LabelConfig
+        >>> from sam_backend.labelstudio.labelconfig import LabelConfig
         >>> cfg = LabelConfig("image", "image", "brush", ("Cat",), (), ("box",))
         >>> task = {"predictions": [{"result": [{"from_name": "box", "to_name": "image",
         ...     "type": "rectanglelabels", "value": {"x": 10, "y": 20, "width": 50, "height": 50,

@@ -10,10 +10,9 @@ import sys
 
 from sam_backend import __version__
 from sam_backend.logs import configure_logging
-from sam_backend.presets import default_preset
+from sam_backend.sam.presets import default_preset
 
 logger = logging.getLogger(__name__)
-
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -100,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def preannotate_command(args: argparse.Namespace) -> int:
-    """``sam-backend preannotate``: see :mod:`sam_backend.preannotate`."""
-    from sam_backend.backend import ModelHolder, SamBackend
+    """``sam-backend preannotate``: see :mod:`sam_backend.commands.preannotate`."""
+    from sam_backend.server.backend import ModelHolder, SamBackend
     from sam_backend.errors import SamBackendError
-    from sam_backend.labelstudio import LabelStudioProject
-    from sam_backend.media import Credentials
-    from sam_backend.preannotate import Preannotator
-    from sam_backend.prelabel import PrelabelSettings
+    from sam_backend.labelstudio.api import LabelStudioProject
+    from sam_backend.labelstudio.media import Credentials
+    from sam_backend.commands.preannotate import Preannotator
+    from sam_backend.server.prelabel import PrelabelSettings
 
     if args.cache_dir:
         os.environ["SAM_CACHE_DIR"] = args.cache_dir
@@ -132,23 +131,24 @@ def preannotate_command(args: argparse.Namespace) -> int:
 
 
 def precompute_command(args: argparse.Namespace) -> int:
-    """``sam-backend precompute``: see :mod:`sam_backend.precompute`."""
-    from sam_backend.engine import SamEngine
+    """``sam-backend precompute``: see :mod:`sam_backend.commands.precompute`."""
+    from sam_backend.commands.precompute import Precomputer, image_data_key
+    from sam_backend.embeddings.settings import open_store
+    from sam_backend.embeddings.tiers import EmbeddingTiers
     from sam_backend.errors import SamBackendError
-    from sam_backend.labelstudio import LabelStudioProject
-    from sam_backend.media import Credentials
-    from sam_backend.precompute import Precomputer, image_data_key
-    from sam_backend.store import open_store
+    from sam_backend.labelstudio.api import LabelStudioProject
+    from sam_backend.labelstudio.media import Credentials
+    from sam_backend.sam.engine import SamEngine
 
     try:
         project = LabelStudioProject(args.url, args.api_key, args.project)
         # Check Label Studio and the store before the model loads (a minute for a large preset).
         data_key = args.data_key or image_data_key(project.label_config())
         store = open_store(cache_dir=args.cache_dir, required=True)
-        engine = SamEngine.from_preset(args.preset or default_preset(), device=args.device, store=store)
+        engine = SamEngine.from_preset(args.preset or default_preset(), device=args.device)
         sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {engine.preset} "
                          f"on {engine.device_name} into {store.location}\n")
-        summary = Precomputer(engine, project, Credentials(args.url, args.api_key), view=args.view,
+        summary = Precomputer(EmbeddingTiers(engine, store=store), project, Credentials(args.url, args.api_key), view=args.view,
                               data_key=data_key, fetch_threads=args.fetch_threads,
                               progress=not args.no_progress).run()
     except SamBackendError as exc:
@@ -171,7 +171,7 @@ def cache_command(args: argparse.Namespace) -> int:
     import json
 
     from sam_backend.errors import StoreError
-    from sam_backend.store import open_store
+    from sam_backend.embeddings.settings import open_store
 
     try:
         store = open_store(cache_dir=args.cache_dir, required=True)

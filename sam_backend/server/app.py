@@ -16,7 +16,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from sam_backend import __version__
-from sam_backend.backend import SamBackend
+from sam_backend.server.backend import SamBackend
 from sam_backend.errors import (
     BadRequestError,
     ImageError,
@@ -26,7 +26,7 @@ from sam_backend.errors import (
     ModelNotReadyError,
     SamBackendError,
 )
-from sam_backend.metrics import Metrics
+from sam_backend.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["sam_backend"] = backend
     metrics = Metrics.create()
-    metrics.watch(lambda: getattr(backend.holder.loaded_engine, "stats", None))
+    metrics.watch(lambda: [source for source in (getattr(backend.holder.loaded_engine, "stats", None),
+                                                 backend.holder.loaded_embeddings) if source is not None])
     app.extensions["sam_metrics"] = metrics
     auth_user = os.environ.get("BASIC_AUTH_USER")
     auth_pass = os.environ.get("BASIC_AUTH_PASS")

@@ -204,7 +204,7 @@ class AutoMaskGenerator:
     """Find every object in an image with one embedding and a grid of point prompts.
 
     Args:
-        engine: a :class:`~sam_backend.engine.SamEngine`.
+        engine: a :class:`~sam_backend.sam.engine.SamEngine`.
         settings: :class:`AutoMaskSettings`.
 
     Example:
@@ -223,7 +223,7 @@ class AutoMaskGenerator:
         """Masks of ``embedding``'s image, best predicted IoU first."""
         import torch
 
-        from sam_backend.transforms import postprocess_logits
+        from sam_backend.sam.transforms import postprocess_logits
 
         s = self.settings
         frame = embedding.frame

@@ -1,0 +1,268 @@
+"""Embeddings by image, from the cheapest tier that has them: memory, then the store, then the encoder.
+
+The server and the commands ask :class:`EmbeddingTiers` for an image's
+embedding; it looks in this process's memory LRU, then in the persistent
+store shared by workers and hosts, and encodes only when both miss, once per
+image across threads (the LRU's single flight) and workers (the store's lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable, Hashable
+
+import numpy as np
+from prometheus_client import Counter
+
+from sam_backend.embeddings.fingerprints import fingerprint_model, fingerprint_preset_dir
+from sam_backend.embeddings.memory import DEFAULT_BUDGET_BYTES, LRUCache
+from sam_backend.embeddings.store import EmbeddingStore, StoredEmbedding, entry_key
+from sam_backend.errors import StoreError
+from sam_backend.sam.engine import Embedding, Prediction, SamEngine, device_scope
+from sam_backend.sam.images import ImageSource
+from sam_backend.sam.transforms import Frame
+
+logger = logging.getLogger(__name__)
+
+#: An image, or a callable that loads it only when no tier has its embedding.
+LazyImage = ImageSource | Callable[[], ImageSource]
+
+
+class EmbeddingTiers:
+    """The embeddings of an engine's images, kept in memory and in a store.
+
+    Args:
+        engine: the :class:`~sam_backend.sam.engine.SamEngine` that encodes misses.
+        store: a persistent :class:`~sam_backend.embeddings.store.EmbeddingStore`
+            behind the memory cache (shared by workers, kept across restarts), or None.
+        cache_bytes: budget of the in-memory cache; default ``SAM_MEMORY_CACHE_MB``, else 512 MB.
+        fingerprint: the preset's identity in store keys; default a hash of the
+            preset directory's files, else of the model's config and weights
+            (computed once, when a store is given).
+
+    Example:
+        >>> tiers = EmbeddingTiers(SamEngine.from_preset("demo"), store=open_store())  # doctest: +SKIP
+        >>> embedding = tiers.embedding_for(image_identity(url, path), lambda: load_image(path))  # doctest: +SKIP
+        >>> tiers.engine.decode(embedding, points=[[40, 30]], labels=[1]).score  # doctest: +SKIP
+        0.93
+    """
+
+    def __init__(
+        self,
+        engine: SamEngine,
+        store: EmbeddingStore | None = None,
+        cache_bytes: int | None = None,
+        fingerprint: str | None = None,
+    ):
+        self.engine = engine
+        self.store = store
+        if cache_bytes is None:
+            mb = os.environ.get("SAM_MEMORY_CACHE_MB")
+            cache_bytes = int(float(mb) * 1024 * 1024) if mb else DEFAULT_BUDGET_BYTES
+        self.memory: LRUCache[Embedding] = LRUCache(cache_bytes, lambda e: e.nbytes)
+        self.lookups = Counter(
+            "sam_embedding_lookups", "Embedding lookups by cache tier (memory, disk, redis) and result (hit, miss)",
+            ["tier", "result"], registry=None,
+        )
+        self._fingerprint = fingerprint
+        self._fingerprint_lock = threading.Lock()
+        if store is not None:
+            self.fingerprint  # noqa: B018  (hash the weights at load, not on the first click)
+
+    @property
+    def fingerprint(self) -> str:
+        """The preset's identity in store keys (a hash of its config and weights)."""
+        with self._fingerprint_lock:
+            if self._fingerprint is None:
+                started = time.perf_counter()
+                self._fingerprint = self._compute_fingerprint()
+                logger.info("Fingerprinted %s in %.1fs: %s", self.engine.preset, time.perf_counter() - started,
+                            self._fingerprint[:16])
+            return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        if self.engine.preset_dir:
+            try:  # hashing the files is cheaper than hashing the loaded weights
+                return fingerprint_preset_dir(self.engine.preset_dir)
+            except (OSError, ValueError) as exc:
+                logger.info("Fingerprinting the loaded model instead of %s: %s", self.engine.preset_dir, exc)
+        return fingerprint_model(self.engine.model)
+
+    def lookup(self, tier: str, hit: bool) -> None:
+        """Count one lookup in ``tier``."""
+        self.lookups.labels(tier, "hit" if hit else "miss").inc()
+
+    def collect(self):
+        """The lookup counts, for a registry collector."""
+        yield from self.lookups.collect()
+
+    @property
+    def _store_tier(self) -> str:
+        return getattr(self.store, "tier", "store")
+
+    # ------------------------------------------------------------- lookups
+
+    def embedding_for(self, key: Hashable, image: LazyImage) -> Embedding:
+        """The embedding of the image identified by ``key``, encoded at most once.
+
+        Looks in the memory cache, then in the store (if any), and encodes
+        only when both miss; threads of a process (memory cache) and workers
+        sharing a store (its lock) asking for the same new image encode it once.
+        ``image`` may be a callable that loads the image, so that a cached
+        image is not even read. With a store, ``key`` must be a string that
+        identifies the image's content (:func:`~sam_backend.embeddings.fingerprints.image_identity`).
+        """
+        computed = False
+
+        def compute() -> Embedding:
+            nonlocal computed
+            computed = True
+            self.lookup("memory", hit=False)
+            if self.store is None:
+                return self._encode_logged(key, image)
+            return self._stored_or_encoded(str(key), image)
+
+        embedding = self.memory.get_or_compute(key, compute)
+        if not computed:
+            self.lookup("memory", hit=True)
+            if self.store is not None:
+                self._touch_store(str(key))
+        return embedding
+
+    def embeddings_for_many(self, items: list[tuple[Hashable, LazyImage]]) -> list[Embedding]:
+        """:meth:`embedding_for` for several images, encoding those no tier has in one encoder call.
+
+        Results are in the order of ``items``.
+        """
+        results: list[Embedding | None] = [self.memory.get(key) for key, _ in items]
+        for index, (key, _) in enumerate(items):
+            self.lookup("memory", hit=results[index] is not None)
+            if results[index] is None and self.store is not None:
+                results[index] = self._load_stored(entry_key(self.fingerprint, str(key)))
+                self.lookup(self._store_tier, hit=results[index] is not None)
+                if results[index] is not None:
+                    self.memory.put(key, results[index])
+        missing = [i for i, result in enumerate(results) if result is None]
+        images = [items[i][1]() if callable(items[i][1]) else items[i][1] for i in missing]
+        for i, embedding in zip(missing, self.engine.encode_many(images)):
+            if self.store is not None:
+                self._write_store(entry_key(self.fingerprint, str(items[i][0])), embedding)
+            self.memory.put(items[i][0], embedding)
+            results[i] = embedding
+        return results
+
+    def ensure_stored(self, key: str, image: LazyImage) -> bool:
+        """Put the embedding of ``key`` into the store unless it is there; True if encoded now.
+
+        For precomputing: the memory cache is left alone, and a stored entry
+        is checked but not loaded onto the device.
+
+        Raises:
+            StoreError: there is no store, or the entry cannot be written.
+        """
+        if self.store is None:
+            raise StoreError("There is no embedding store to fill.")
+        store_key = entry_key(self.fingerprint, key)
+        if self._read_store(store_key) is not None:
+            return False
+        with self.store.lock(store_key):
+            if self._read_store(store_key) is not None:
+                return False
+            embedding = self._encode_logged(key, image)
+            if not self.store.put(store_key, self._to_stored(embedding)):
+                raise StoreError(f"Could not write the embedding of {key} to {self.store.location}; see the log.")
+            return True
+
+    def predict(self, image: LazyImage, key: Hashable, **prompt) -> Prediction:
+        """``engine.decode(embedding_for(key, image), **prompt)``: the whole path for one click."""
+        return self.engine.decode(self.embedding_for(key, image), **prompt)
+
+    # --------------------------------------------------------------- tiers
+
+    def _encode_logged(self, key, image: LazyImage) -> Embedding:
+        started = time.perf_counter()
+        embedding = self.engine.encode(image() if callable(image) else image)
+        logger.info("Encoded %s in %.2fs", key, time.perf_counter() - started)
+        return embedding
+
+    def _touch_store(self, key: str) -> None:
+        """Tell the store that its entry is in use, so that its LRU does not evict an image served from memory."""
+        try:
+            self.store.touch(entry_key(self.fingerprint, key))
+        except Exception as exc:
+            logger.debug("Embedding store %s failed to touch %s: %s", self.store.location, key, exc)
+
+    def _stored_or_encoded(self, key: str, image: LazyImage) -> Embedding:
+        store_key = entry_key(self.fingerprint, key)
+        embedding = self._load_stored(store_key)
+        if embedding is None:
+            with self.store.lock(store_key):
+                # Another worker may have encoded it while we waited for the lock.
+                embedding = self._load_stored(store_key)
+                if embedding is None:
+                    self.lookup(self._store_tier, hit=False)
+                    embedding = self._encode_logged(key, image)
+                    self._write_store(store_key, embedding)
+                    return embedding
+        self.lookup(self._store_tier, hit=True)
+        logger.info("Loaded the embedding of %s from %s", key, self.store.location)
+        return embedding
+
+    def _read_store(self, store_key: str) -> StoredEmbedding | None:
+        """The stored entry if it fits this model; a misfit is dropped. Store failures count as misses."""
+        try:
+            entry = self.store.get(store_key)
+        except Exception as exc:  # a store failure must cost an encode, never the request
+            logger.warning("Embedding store %s failed to read (%s: %s); encoding instead.",
+                           self.store.location, type(exc).__name__, exc)
+            return None
+        if entry is None:
+            return None
+        engine = self.engine
+        expected = (*engine.embedding_size, engine.embedding_channels)
+        frame = Frame.for_image(entry.original_size, engine.input_size)
+        if entry.features.shape != expected or entry.input_size != engine.input_size or frame.resized_size != entry.resized_size:
+            logger.warning("Dropping the stored embedding %s: features %s for input %d do not fit this model (%s, %d).",
+                           store_key, entry.features.shape, entry.input_size, expected, engine.input_size)
+            self._discard_store(store_key)
+            return None
+        return entry
+
+    def _load_stored(self, store_key: str) -> Embedding | None:
+        entry = self._read_store(store_key)
+        if entry is None:
+            return None
+        from keras import ops
+
+        with device_scope(self.engine.device):
+            features = ops.convert_to_tensor(entry.features.astype(np.float32)[None])
+        return Embedding(features=features, frame=Frame.for_image(entry.original_size, self.engine.input_size))
+
+    @staticmethod
+    def _to_stored(embedding: Embedding) -> StoredEmbedding:
+        import torch
+
+        features = embedding.features[0].detach().to(torch.float16).cpu().numpy()
+        frame = embedding.frame
+        return StoredEmbedding(features, tuple(frame.original_size), tuple(frame.resized_size), frame.input_size)
+
+    def _write_store(self, store_key: str, embedding: Embedding) -> None:
+        """Store ``embedding`` and keep only what the store keeps (float16) in it too.
+
+        So a click gives the same mask whichever tier serves the embedding.
+        """
+        embedding.features = embedding.features.half().float()
+        try:
+            self.store.put(store_key, self._to_stored(embedding))
+        except Exception as exc:
+            logger.warning("Embedding store %s failed to write (%s: %s); serving from memory.",
+                           self.store.location, type(exc).__name__, exc)
+
+    def _discard_store(self, store_key: str) -> None:
+        try:
+            self.store.discard(store_key)
+        except Exception as exc:
+            logger.warning("Embedding store %s failed to delete %s (%s)", self.store.location, store_key, exc)

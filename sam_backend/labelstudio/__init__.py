@@ -1,0 +1,11 @@
+"""Label Studio's formats and API, without tensors.
+
+Holds the label config (:mod:`.labelconfig`), the translation between Label
+Studio regions and SAM prompts and back to brush results (:mod:`.regions`),
+task media fetching (:mod:`.media`) and the API client used for late
+predictions and the commands (:mod:`.api`).
+
+May import: ``sam_backend.errors``, label-studio-sdk, numpy, requests.
+Never ``sam_backend.sam`` or ``sam_backend.embeddings``: prompts and masks
+cross this boundary as plain numpy arrays.
+"""
