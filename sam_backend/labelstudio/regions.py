@@ -1,7 +1,7 @@
 """Translation between Label Studio regions and SAM prompts, as pure functions.
 
 Label Studio gives coordinates in percent of the displayed image; SAM wants
-pixels. Masks go back as brush regions encoded with label-studio-sdk's RLE.
+pixels. Masks go back as brush regions in label-studio-sdk's RLE (:mod:`.rle`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 
 from sam_backend.errors import BadRequestError, PromptError
 from sam_backend.labelstudio.labelconfig import LabelConfig
+from sam_backend.labelstudio.rle import mask_to_rle
 
 logger = logging.getLogger(__name__)
 
@@ -242,9 +243,7 @@ def mask_to_brush_region(
     config: LabelConfig,
     image_rotation: float = 0,
 ) -> dict:
-    """A boolean ``(H, W)`` mask as a Label Studio brush region (RLE via label-studio-sdk)."""
-    from label_studio_sdk.converter.brush import mask2rle
-
+    """A boolean ``(H, W)`` mask as a Label Studio brush region (RLE as label-studio-sdk encodes it)."""
     height, width = mask.shape
     return {
         "id": uuid.uuid4().hex[:10],
@@ -255,7 +254,7 @@ def mask_to_brush_region(
         "original_width": int(width),
         "original_height": int(height),
         "image_rotation": image_rotation,
-        "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]},
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
         "score": float(score),
         "readonly": False,
     }
