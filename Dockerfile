@@ -25,12 +25,26 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
+# tcmalloc about halves the ViT encoder's time on CPU (README: Memory allocator).
+# The symlink gives LD_PRELOAD (below) one path on every architecture. Debian 13
+# renamed the package libtcmalloc-minimal4t64.
+RUN apt-get update \
+    && { apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
+         || apt-get install -y --no-install-recommends libtcmalloc-minimal4t64; } \
+    && rm -rf /var/lib/apt/lists/* \
+    && lib="$(find /usr/lib -name libtcmalloc_minimal.so.4 -print -quit)" \
+    && test -f "$lib" \
+    && ln -s "$lib" /usr/local/lib/libtcmalloc_minimal.so.4
+
 WORKDIR /app
 COPY pyproject.toml README.md label_config.xml ./
 COPY sam_backend ./sam_backend
 RUN pip install . && useradd --create-home --uid 1000 sam && mkdir -p /data && chown sam:sam /data
 
 USER sam
+# For every process of the container: gunicorn (the entry point below) and its
+# workers, and `sam-backend` commands run in it. `-e LD_PRELOAD=` turns it off.
+ENV LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4
 VOLUME ["/data"]
 EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=3s --start-period=120s --retries=3 \

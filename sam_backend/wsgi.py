@@ -4,8 +4,11 @@ Each gunicorn worker imports this module itself (no ``--preload``), so each
 loads the model once, in the background, at start.
 """
 
+from sam_backend.allocator import log_allocator_once
 from sam_backend.logs import configure_logging
 from sam_backend.server.app import create_app
 
 configure_logging()
+# Under `sam-backend serve` the master logged it; run by gunicorn directly (Docker), each worker does.
+log_allocator_once()
 app = create_app()

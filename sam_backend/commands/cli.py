@@ -14,6 +14,10 @@ from sam_backend.sam.presets import default_preset
 
 logger = logging.getLogger(__name__)
 
+#: The commands that run the model, and so are re-executed under tcmalloc (see :mod:`sam_backend.allocator`).
+MODEL_COMMANDS = ("serve", "precompute", "preannotate")
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default
@@ -248,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sam-backend`` script."""
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "log_level", None))
+    if args.command in MODEL_COMMANDS:
+        from sam_backend.allocator import ensure_allocator, log_allocator
+
+        # Before torch is imported; only a real command line can be started
+        # again, so main([...]) called from Python (the tests) runs as it is.
+        log_allocator(ensure_allocator() if argv is None else None)
     if args.command == "healthcheck":
         return healthcheck(args)
     if args.command == "preannotate":
