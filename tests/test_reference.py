@@ -1,51 +1,19 @@
-"""Our transforms against Meta's reference ``segment_anything`` code.
+"""Our transforms against Meta's reference ``segment_anything`` code (see :mod:`meta_reference`)."""
 
-``segment_anything`` imports torchvision, which has no CPU build that matches
-this torch; only ``resize`` and ``to_pil_image`` of it are used on the paths
-tested here, so when torchvision cannot be imported they are provided with the
-behaviour torchvision documents for PIL images (Pillow bilinear resize).
-"""
-
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from meta_reference import install_torchvision_stand_in
 from sam_backend.sam.transforms import Frame, postprocess_logits, preprocess
 
 VIT_STD = np.array([0.229, 0.224, 0.225], np.float32)
 VIT_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 
 
-def _install_torchvision_stand_in():
-    try:
-        import torchvision.transforms.functional  # noqa: F401
-        return
-    except Exception:
-        pass
-    functional = types.ModuleType("torchvision.transforms.functional")
-    functional.to_pil_image = lambda array: Image.fromarray(np.asarray(array))
-    functional.resize = lambda image, size: image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    boxes = types.ModuleType("torchvision.ops.boxes")
-    boxes.batched_nms = boxes.box_area = None  # automatic mask generator only
-    modules = {
-        "torchvision": types.ModuleType("torchvision"),
-        "torchvision.transforms": types.ModuleType("torchvision.transforms"),
-        "torchvision.transforms.functional": functional,
-        "torchvision.ops": types.ModuleType("torchvision.ops"),
-        "torchvision.ops.boxes": boxes,
-    }
-    for name in list(sys.modules):
-        if name == "torchvision" or name.startswith("torchvision."):
-            del sys.modules[name]
-    sys.modules.update(modules)
-
-
-_install_torchvision_stand_in()
+install_torchvision_stand_in()
 segment_anything = pytest.importorskip("segment_anything")
 from segment_anything.modeling import Sam  # noqa: E402
 from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402

@@ -18,6 +18,7 @@ import numpy as np
 
 import sam_backend  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 from sam_backend.errors import PromptError
+from sam_backend.sam.attention import fuse_vitdet_attention
 from sam_backend.sam.images import ImageSource, load_image
 from sam_backend.sam.stats import EngineStats
 from sam_backend.sam.presets import import_keras_hub, load_segmenter, resolve_preset
@@ -128,6 +129,8 @@ class SamEngine:
         preset_dir: str | None = None,
     ):
         self.model = model
+        # One fused attention kernel per ViTDet block (SAM_FUSED_ATTENTION=0 keeps keras-hub's own).
+        fuse_vitdet_attention(model)
         self.preset = preset
         self.device = device or os.environ.get("SAM_DEVICE") or None
         backbone = model.backbone

@@ -1,0 +1,318 @@
+"""Fused attention for the SAM image encoder (keras-hub's ViTDet).
+
+keras-hub's ``MultiHeadAttentionWithRelativePE`` computes attention step by
+step: ``q @ k^T``, plus the decomposed relative-position bias (one term per
+row, one per column of the token grid), softmax, then ``@ v``. Each step
+writes a full ``heads x HW x HW`` float tensor: for a ViT-B global-attention
+block at 1024 px that is 12 x 4096 x 4096 floats, about 800 MB, allocated and
+walked over several times per block. On a CPU the encoder spends most of its
+attention time moving those tensors through memory.
+
+:func:`fuse_vitdet_attention` replaces, on the layers of a loaded model, that
+``call`` with ``torch.nn.functional.scaled_dot_product_attention`` taking the
+relative-position bias as its additive mask: one fused kernel (scores, bias,
+softmax and the product with ``v`` blockwise, never the whole score matrix)
+instead of matmul + bias + softmax + matmul. The bias itself is built for a
+block of query rows at a time (at most 256 MiB on a CPU: one kernel call per
+windowed block, four per ViT-B global block), so the 800 MB intermediates are
+gone.
+
+Nothing else changes: the weights are keras-hub's own variables, read at each
+call (so training updates them as usual), and presets load and save exactly as
+before. A layer is only patched when its class's source is the one this code
+reproduces (a fingerprint of keras-hub's source); any other keras-hub keeps
+its own attention, with a warning. ``SAM_FUSED_ATTENTION=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import types
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable: ``0``, ``false``, ``off`` or ``no`` keep keras-hub's attention.
+ENV_VAR = "SAM_FUSED_ATTENTION"
+
+_OFF_VALUES = {"0", "false", "off", "no"}
+
+#: The class whose ``call`` is replaced (matched by name, then by source fingerprint).
+_TARGET_CLASS = "MultiHeadAttentionWithRelativePE"
+
+#: sha256 of the source of ``MultiHeadAttentionWithRelativePE.call``,
+#: ``AddRelativePositionalEmbedding.call`` and ``AddRelativePositionalEmbedding._get_rel_pos``
+#: (concatenated, in that order) whose math :func:`_fused_forward` reproduces.
+#: Recorded for keras-hub 0.32.0; any release with the same source matches too.
+KNOWN_SOURCE_FINGERPRINTS = frozenset({
+    "faba7afbd5f8ee1f2c1a212ca224efbebcf990a65d55129de5b6f12b819972f2",
+})
+
+#: Upper bound on the bytes of relative-position bias built at once. Query rows
+#: are processed in chunks so that the bias of a global block (800 MB at ViT-B,
+#: 1024 px, batch 1; more with a batch) never exists whole. Much smaller chunks
+#: were no faster on a CPU (more, smaller kernel calls); 256 MiB splits a ViT-B
+#: global block in four.
+_CPU_BIAS_CHUNK_BYTES = 256 << 20
+_ACCELERATOR_BIAS_CHUNK_BYTES = 1 << 30
+
+# Marks a patched layer (the original ``call`` stays the class's).
+_PATCH_MARK = "_sam_fused_attention"
+
+
+def fused_attention_enabled() -> bool:
+    """Whether the fused attention is wanted: ``SAM_FUSED_ATTENTION`` is not ``0``/``false``/``off``/``no``.
+
+    Default on (variable unset or any other value).
+
+    Example:
+        >>> os.environ["SAM_FUSED_ATTENTION"] = "off"
+        >>> fused_attention_enabled()
+        False
+        >>> del os.environ["SAM_FUSED_ATTENTION"]
+        >>> fused_attention_enabled()
+        True
+    """
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in _OFF_VALUES
+
+
+def fuse_vitdet_attention(model_or_layer, enabled: bool | None = None) -> int:
+    """Make keras-hub's ViTDet attention layers in ``model_or_layer`` use one fused SDPA call.
+
+    Walks every layer under ``model_or_layer`` (a ``SAMImageSegmenter``, its
+    backbone, a ``ViTDetBackbone`` or a single attention layer) and patches
+    each ``MultiHeadAttentionWithRelativePE`` whose source and attributes are
+    those this module reproduces. The patch is per instance: other models, and
+    the class, are untouched. Calling it again on a patched model patches
+    nothing twice.
+
+    Args:
+        model_or_layer: any keras layer or model.
+        enabled: patch (True) or not (False); None reads ``SAM_FUSED_ATTENTION``
+            (see :func:`fused_attention_enabled`).
+
+    Returns:
+        The number of attention layers under ``model_or_layer`` that now run
+        the fused path (those patched by an earlier call included); 0 when
+        disabled, when the backend is not torch, or when keras-hub's source
+        differs (then a warning says keras-hub's own attention is used).
+
+    Example:
+        >>> model = keras_hub.models.SAMImageSegmenter.from_preset("sam_base_sa1b")  # doctest: +SKIP
+        >>> fuse_vitdet_attention(model)  # doctest: +SKIP
+        12
+    """
+    if enabled is None:
+        enabled = fused_attention_enabled()
+    if not enabled:
+        logger.info("Fused attention is off (%s); keras-hub's own attention is used.", ENV_VAR)
+        return 0
+    layers = [layer for layer in _all_layers(model_or_layer) if type(layer).__name__ == _TARGET_CLASS]
+    if not layers:
+        return 0
+
+    import keras
+
+    if keras.backend.backend() != "torch":
+        logger.warning("Fused attention needs KERAS_BACKEND=torch (got %s); keras-hub's own attention is used.",
+                       keras.backend.backend())
+        return 0
+
+    fused, newly, refused = 0, 0, {}
+    for layer in layers:
+        if getattr(layer, _PATCH_MARK, False):
+            fused += 1
+            continue
+        reason = _mismatch(layer)
+        if reason:
+            refused.setdefault(reason, 0)
+            refused[reason] += 1
+            continue
+        layer.call = types.MethodType(_patched_call, layer)
+        setattr(layer, _PATCH_MARK, True)
+        fused += 1
+        newly += 1
+    if refused:
+        # One warning per model, not per layer: the reason is the same for all.
+        logger.warning(
+            "Fused attention not applied to %d ViTDet attention layer(s) (%s); keras-hub's own attention is used.",
+            sum(refused.values()), "; ".join(refused),
+        )
+    if newly:
+        logger.info("Fused attention (torch scaled_dot_product_attention) in %d ViTDet attention layer(s).", newly)
+    return fused
+
+
+def unfuse_vitdet_attention(model_or_layer) -> int:
+    """Undo :func:`fuse_vitdet_attention`: the layers use keras-hub's ``call`` again.
+
+    Returns the number of layers restored.
+
+    Example:
+        >>> fuse_vitdet_attention(model), unfuse_vitdet_attention(model)  # doctest: +SKIP
+        (12, 12)
+    """
+    restored = 0
+    for layer in _all_layers(model_or_layer):
+        if getattr(layer, _PATCH_MARK, False):
+            del layer.call  # the instance attribute; the class's method shows through again
+            setattr(layer, _PATCH_MARK, False)
+            restored += 1
+    return restored
+
+
+# ------------------------------------------------------------------ checks
+
+
+def source_fingerprint(cls) -> str | None:
+    """sha256 of the source that :func:`_fused_forward` reproduces, for attention class ``cls``.
+
+    None when the source cannot be read (then nothing is patched).
+
+    Example:
+        >>> from keras_hub.src.models.vit_det.vit_layers import MultiHeadAttentionWithRelativePE
+        >>> source_fingerprint(MultiHeadAttentionWithRelativePE) in KNOWN_SOURCE_FINGERPRINTS  # doctest: +SKIP
+        True
+    """
+    try:
+        rel_cls = _rel_pe_class(cls)
+        parts = [inspect.getsource(cls.call), inspect.getsource(rel_cls.call), inspect.getsource(rel_cls._get_rel_pos)]
+    except (AttributeError, ImportError, OSError, TypeError):
+        return None
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+    return digest.hexdigest()
+
+
+def _rel_pe_class(cls):
+    """The relative-position class next to ``cls`` in keras-hub's module."""
+    module = inspect.getmodule(cls)
+    return module.AddRelativePositionalEmbedding
+
+
+def _mismatch(layer) -> str | None:
+    """Why ``layer`` is not the layer the fused path reproduces; None when it is."""
+    if "call" in vars(layer):
+        return "call already replaced by someone else"
+    if source_fingerprint(type(layer)) not in KNOWN_SOURCE_FINGERPRINTS:
+        return "keras-hub's attention source differs from the one the fused path reproduces"
+    try:
+        heads, key_dim = layer.num_heads, layer.key_dim
+        width = heads * key_dim
+        if not (isinstance(heads, int) and isinstance(key_dim, int) and heads > 0 and key_dim > 0):
+            return "num_heads/key_dim are not positive integers"
+        if not isinstance(layer.scale, (int, float)):
+            return "scale is not a number"
+        if not (layer.qkv.built and layer.projection.built):
+            return "layer not built"
+        if tuple(layer.qkv.kernel.shape) != (width, 3 * width):
+            return f"qkv kernel shape {tuple(layer.qkv.kernel.shape)} != {(width, 3 * width)}"
+        if tuple(layer.projection.kernel.shape) != (width, width):
+            return f"projection kernel shape {tuple(layer.projection.kernel.shape)} != {(width, width)}"
+        if layer.use_rel_pos:
+            rows, cols = (int(d) for d in layer.input_size)
+            rel = layer.add_decomposed_relative_pe
+            if tuple(rel.rel_pos_h.shape) != (2 * rows - 1, key_dim):
+                return f"rel_pos_h shape {tuple(rel.rel_pos_h.shape)} != {(2 * rows - 1, key_dim)}"
+            if tuple(rel.rel_pos_w.shape) != (2 * cols - 1, key_dim):
+                return f"rel_pos_w shape {tuple(rel.rel_pos_w.shape)} != {(2 * cols - 1, key_dim)}"
+    except (AttributeError, TypeError, ValueError) as exc:
+        return f"unexpected attributes ({exc})"
+    if layer.dtype_policy.quantization_mode is not None:
+        return "quantized layer"
+    return None
+
+
+def _all_layers(root) -> list:
+    """``root`` and every layer under it, each once."""
+    flatten = getattr(root, "_flatten_layers", None)
+    if flatten is None:
+        return []
+    return list(flatten(include_self=True, recursive=True))
+
+
+# ------------------------------------------------------------------ fused path
+
+
+def _patched_call(self, x):
+    """The patched ``call``: the fused path for the inputs it reproduces, keras-hub's otherwise."""
+    import torch
+
+    if _fusable(self, x, torch):
+        return _fused_forward(self, x)
+    # Symbolic/meta tensors, or a token grid other than the one the layer was
+    # built for (keras-hub's own code decides what happens then).
+    return type(self).call(self, x)
+
+
+def _fusable(layer, x, torch) -> bool:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.device.type == "meta":
+        return False
+    if layer.use_rel_pos and tuple(x.shape[1:3]) != tuple(int(d) for d in layer.input_size):
+        return False
+    return True
+
+
+def _fused_forward(layer, x):
+    """keras-hub's attention math with one SDPA call per chunk of query rows.
+
+    Same as ``MultiHeadAttentionWithRelativePE.call``: scores ``(q * scale) @ k^T``
+    plus ``rel_h[..., :, None] + rel_w[..., None, :]`` where ``rel_h``/``rel_w``
+    are the *unscaled* queries against the gathered relative-position tables,
+    softmax over keys, ``@ v``, heads merged back, output projection. Windowed
+    blocks partition the image before calling the layer, so each window is a
+    batch item here, as in keras-hub.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch, height, width, channels = x.shape
+    heads, key_dim = layer.num_heads, layer.key_dim
+    tokens = height * width
+    # (B, HW, 3, heads, d) -> 3 x (B, heads, HW, d), keras-hub's order of the qkv columns.
+    qkv = layer.qkv(x).reshape(batch, tokens, 3, heads, key_dim).permute(2, 0, 3, 1, 4)
+    queries, keys, values = qkv.unbind(0)
+
+    if not layer.use_rel_pos:
+        out = F.scaled_dot_product_attention(queries, keys, values, scale=layer.scale)
+    else:
+        rel = layer.add_decomposed_relative_pe
+        table_h = _relative_table(rel.rel_pos_h.value, height, queries.dtype, torch)
+        table_w = _relative_table(rel.rel_pos_w.value, width, queries.dtype, torch)
+        grid = queries.reshape(batch, heads, height, width, key_dim)
+        # Contiguous, so that building the bias below is a plain streaming add.
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h).contiguous()
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w).contiguous()
+        row_bytes = batch * heads * width * tokens * queries.element_size()
+        budget = _CPU_BIAS_CHUNK_BYTES if queries.device.type == "cpu" else _ACCELERATOR_BIAS_CHUNK_BYTES
+        chunks = -(-height // max(1, min(height, budget // max(1, row_bytes))))
+        rows = -(-height // chunks)  # equal chunks: 64 rows in 4 x 16, not 3 x 20 + 4
+        outs = []
+        # Each query's softmax runs over all keys, so splitting queries is exact.
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            bias = (rel_h[:, :, top:bottom, :, :, None] + rel_w[:, :, top:bottom, :, None, :]).reshape(
+                batch, heads, (bottom - top) * width, tokens
+            )
+            outs.append(F.scaled_dot_product_attention(
+                queries[:, :, top * width:bottom * width], keys, values, attn_mask=bias, scale=layer.scale
+            ))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    # (B, heads, HW, d) -> (B, H, W, heads * d), as keras-hub's transpose (0, 2, 3, 1, 4).
+    out = out.permute(0, 2, 1, 3).reshape(batch, height, width, channels)
+    return layer.projection(out)
+
+
+def _relative_table(table, size: int, dtype, torch):
+    """``table[i - j + size - 1]`` for query ``i`` and key ``j`` of a ``size``-long axis: ``(size, size, d)``.
+
+    keras-hub's ``_get_rel_pos`` for equal query and key sizes matching the
+    table (the only case the fused path takes).
+    """
+    positions = torch.arange(size, device=table.device)
+    index = positions[:, None] - positions[None, :] + (size - 1)
+    return table.to(dtype)[index]
