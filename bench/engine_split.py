@@ -19,19 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 from architectures import build_segmenter  # noqa: E402
+from timing import timed  # noqa: E402
 from sam_backend.sam.engine import SamEngine  # noqa: E402
 from sam_backend.sam.transforms import preprocess  # noqa: E402
 
 logger = logging.getLogger("bench")
-
-
-def timed(fn, repeat: int) -> list[float]:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
 
 
 def main() -> None:

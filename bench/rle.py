@@ -14,23 +14,15 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from label_studio_sdk.converter.brush import mask2rle  # noqa: E402
 
 from sam_backend.labelstudio.rle import mask_to_rle  # noqa: E402
-
-
-def timed(fn, repeat: int) -> list[float]:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
+from timing import timed  # noqa: E402
 
 
 def masks(height: int, width: int) -> dict[str, np.ndarray]:
