@@ -328,7 +328,9 @@ def test_concurrent_requests_for_one_image_encode_once(counted, tmp_path, rng):
     assert engines[0].engine.stats.in_flight._value.get() == 0
 
 
-def test_different_images_do_not_wait_for_each_other(counted, tmp_path, rng):
+def test_a_stored_image_does_not_wait_for_another_images_encode(counted, tmp_path, rng):
+    # New images queue for the encoder (one at a time, tests/test_encode_queue.py);
+    # an image in the store is loaded at once, whatever is encoding.
     engine = counted(tmp_path)
     real = engine.engine._encoder
     gate = threading.Event()
@@ -341,11 +343,13 @@ def test_different_images_do_not_wait_for_each_other(counted, tmp_path, rng):
     engine.engine._encoder = encoder
     slow = np.zeros((90, 200, 3), np.uint8)
     fast = np.full((90, 200, 3), 255, np.uint8)
+    engine.embedding_for("fast", fast)
+    engine.memory.clear()  # "fast" is now in the store only
     thread = threading.Thread(target=engine.embedding_for, args=("slow", slow))
     thread.start()
     time.sleep(0.2)
-    engine.embedding_for("fast", fast)  # returns while "slow" is still encoding
-    assert thread.is_alive()
+    engine.embedding_for("fast", lambda: pytest.fail("a stored image is not encoded"))
+    assert thread.is_alive()  # returned while "slow" is still encoding
     gate.set()
     thread.join(30)
 

@@ -3,11 +3,30 @@
 The server and the commands ask :class:`EmbeddingTiers` for an image's
 embedding; it looks in this process's memory LRU, then in the persistent
 store shared by workers and hosts, and encodes only when both miss, once per
-image across threads (the LRU's single flight) and workers (the store's lock).
+image across threads (the encode queue's single flight) and workers (the
+store's lock).
+
+Encodes go through the process's :class:`~sam_backend.embeddings.encode_queue.EncodeQueue`:
+one at a time on a CPU, batched on a GPU, clicks first. Lookups that hit
+memory or the store never touch the queue, so a click on an encoded image
+never waits for another image's encode.
+
+Lock order: the store's lock (across workers) is taken by the queue's worker
+when the image's turn comes (:class:`_TierJob`), and held for that image's
+look-again, encode and write only, never while it waits in the queue behind
+other images: a worker of another process asked for the same image waits for
+one encode, not for this process's queue (and a postponed warm-up never holds
+it). A batch takes its images' locks in key order, so workers of two
+processes never hold one lock each while waiting for the other's. The price:
+while the worker waits for a lock, another process is encoding that image
+(one encode at most, then this one reads its entry) and this process's other
+queued images wait too; a Redis lock whose holder died holds them until it
+expires (``LOCK_TIMEOUT_SECONDS``). Cached lookups are never held up by it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -17,6 +36,7 @@ from typing import Callable, Hashable
 import numpy as np
 from prometheus_client import Counter
 
+from sam_backend.embeddings.encode_queue import EncodeJob, EncodeQueue, Priority
 from sam_backend.embeddings.fingerprints import fingerprint_model, fingerprint_preset_dir
 from sam_backend.embeddings.memory import DEFAULT_BUDGET_BYTES, LRUCache
 from sam_backend.embeddings.store import EmbeddingStore, StoredEmbedding, entry_key
@@ -42,6 +62,8 @@ class EmbeddingTiers:
         fingerprint: the preset's identity in store keys; default a hash of the
             preset directory's files, else of the model's config and weights
             (computed once, when a store is given).
+        encode_queue: the :class:`~sam_backend.embeddings.encode_queue.EncodeQueue`
+            that runs the encodes; default one of its own for ``engine``.
 
     Example:
         >>> tiers = EmbeddingTiers(SamEngine.from_preset("demo"), store=open_store())  # doctest: +SKIP
@@ -56,9 +78,11 @@ class EmbeddingTiers:
         store: EmbeddingStore | None = None,
         cache_bytes: int | None = None,
         fingerprint: str | None = None,
+        encode_queue: EncodeQueue | None = None,
     ):
         self.engine = engine
         self.store = store
+        self.queue = encode_queue if encode_queue is not None else EncodeQueue(engine)
         if cache_bytes is None:
             mb = os.environ.get("SAM_MEMORY_CACHE_MB")
             cache_bytes = int(float(mb) * 1024 * 1024) if mb else DEFAULT_BUDGET_BYTES
@@ -96,8 +120,9 @@ class EmbeddingTiers:
         self.lookups.labels(tier, "hit" if hit else "miss").inc()
 
     def collect(self):
-        """The lookup counts, for a registry collector."""
+        """The lookup counts and the encode queue's metrics, for a registry collector."""
         yield from self.lookups.collect()
+        yield from self.queue.collect()
 
     @property
     def _store_tier(self) -> str:
@@ -105,34 +130,35 @@ class EmbeddingTiers:
 
     # ------------------------------------------------------------- lookups
 
-    def embedding_for(self, key: Hashable, image: LazyImage) -> Embedding:
+    def embedding_for(self, key: Hashable, image: LazyImage, priority: Priority = Priority.CLICK) -> Embedding:
         """The embedding of the image identified by ``key``, encoded at most once.
 
         Looks in the memory cache, then in the store (if any), and encodes
-        only when both miss; threads of a process (memory cache) and workers
-        sharing a store (its lock) asking for the same new image encode it once.
-        ``image`` may be a callable that loads the image, so that a cached
-        image is not even read. With a store, ``key`` must be a string that
-        identifies the image's content (:func:`~sam_backend.embeddings.fingerprints.image_identity`).
+        only when both miss, through the encode queue at ``priority``
+        (:class:`~sam_backend.embeddings.encode_queue.Priority`: a warm-up or
+        pre-labelling waits behind clicks, and a stale warm-up raises
+        :class:`~sam_backend.embeddings.encode_queue.EncodeSkipped`); threads of
+        a process (the queue) and workers sharing a store (its lock) asking for
+        the same new image encode it once. ``image`` may be a callable that
+        loads the image, so that a cached image is not even read. With a
+        store, ``key`` must be a string that identifies the image's content
+        (:func:`~sam_backend.embeddings.fingerprints.image_identity`).
         """
-        computed = False
-
-        def compute() -> Embedding:
-            nonlocal computed
-            computed = True
-            self.lookup("memory", hit=False)
-            if self.store is None:
-                return self._encode_logged(key, image)
-            return self._stored_or_encoded(str(key), image)
-
-        embedding = self.memory.get_or_compute(key, compute)
-        if not computed:
-            self.lookup("memory", hit=True)
+        embedding = self.memory.get(key)
+        self.lookup("memory", hit=embedding is not None)
+        if embedding is not None:
             if self.store is not None:
                 self._touch_store(str(key))
-        return embedding
+            return embedding
+        if self.store is not None:
+            embedding = self._stored(str(key))
+            if embedding is not None:
+                self.memory.put(key, embedding)
+                return embedding
+        return self._encoded([(key, image)], priority)[0]
 
-    def embeddings_for_many(self, items: list[tuple[Hashable, LazyImage]]) -> list[Embedding]:
+    def embeddings_for_many(self, items: list[tuple[Hashable, LazyImage]],
+                            priority: Priority = Priority.CLICK) -> list[Embedding]:
         """:meth:`embedding_for` for several images, encoding those no tier has in one encoder call.
 
         Results are in the order of ``items``.
@@ -141,17 +167,13 @@ class EmbeddingTiers:
         for index, (key, _) in enumerate(items):
             self.lookup("memory", hit=results[index] is not None)
             if results[index] is None and self.store is not None:
-                results[index] = self._load_stored(entry_key(self.fingerprint, str(key)))
-                self.lookup(self._store_tier, hit=results[index] is not None)
+                results[index] = self._stored(str(key))
                 if results[index] is not None:
                     self.memory.put(key, results[index])
         missing = [i for i, result in enumerate(results) if result is None]
-        images = [items[i][1]() if callable(items[i][1]) else items[i][1] for i in missing]
-        for i, embedding in zip(missing, self.engine.encode_many(images)):
-            if self.store is not None:
-                self._write_store(entry_key(self.fingerprint, str(items[i][0])), embedding)
-            self.memory.put(items[i][0], embedding)
-            results[i] = embedding
+        if missing:
+            for i, embedding in zip(missing, self._encoded([items[i] for i in missing], priority, together=True)):
+                results[i] = embedding
         return results
 
     def ensure_stored(self, key: str, image: LazyImage) -> bool:
@@ -165,16 +187,12 @@ class EmbeddingTiers:
         """
         if self.store is None:
             raise StoreError("There is no embedding store to fill.")
-        store_key = entry_key(self.fingerprint, key)
-        if self._read_store(store_key) is not None:
+        if self._read_store(entry_key(self.fingerprint, key)) is not None:
             return False
-        with self.store.lock(store_key):
-            if self._read_store(store_key) is not None:
-                return False
-            embedding = self._encode_logged(key, image)
-            if not self.store.put(store_key, self._to_stored(embedding)):
-                raise StoreError(f"Could not write the embedding of {key} to {self.store.location}; see the log.")
-            return True
+        job = _TierJob(self, key, image, keep=False)
+        # Its own queue key: a caller of embedding_for must never get this job's "already stored".
+        self.queue.submit(("ensure_stored", key), job, Priority.BACKGROUND).result()
+        return job.encoded
 
     def predict(self, image: LazyImage, key: Hashable, **prompt) -> Prediction:
         """``engine.decode(embedding_for(key, image), **prompt)``: the whole path for one click."""
@@ -182,11 +200,19 @@ class EmbeddingTiers:
 
     # --------------------------------------------------------------- tiers
 
-    def _encode_logged(self, key, image: LazyImage) -> Embedding:
-        started = time.perf_counter()
-        embedding = self.engine.encode(image() if callable(image) else image)
-        logger.info("Encoded %s in %.2fs", key, time.perf_counter() - started)
-        return embedding
+    def _encoded(self, items: list[tuple[Hashable, LazyImage]], priority: Priority,
+                 together: bool = False) -> list[Embedding]:
+        """Encode ``items`` through the queue (in one encoder call if ``together``) and wait for them."""
+        jobs = []
+        for key, image in items:
+            if callable(image) and key not in self.queue:
+                image = image()  # decoded in this thread, while the worker encodes other images
+            jobs.append((key, _TierJob(self, key, image)))
+        if together:
+            futures = self.queue.submit_group(jobs, priority)
+        else:
+            futures = [self.queue.submit(key, job, priority) for key, job in jobs]
+        return [future.result() for future in futures]
 
     def _touch_store(self, key: str) -> None:
         """Tell the store that its entry is in use, so that its LRU does not evict an image served from memory."""
@@ -195,20 +221,15 @@ class EmbeddingTiers:
         except Exception as exc:
             logger.debug("Embedding store %s failed to touch %s: %s", self.store.location, key, exc)
 
-    def _stored_or_encoded(self, key: str, image: LazyImage) -> Embedding:
-        store_key = entry_key(self.fingerprint, key)
-        embedding = self._load_stored(store_key)
-        if embedding is None:
-            with self.store.lock(store_key):
-                # Another worker may have encoded it while we waited for the lock.
-                embedding = self._load_stored(store_key)
-                if embedding is None:
-                    self.lookup(self._store_tier, hit=False)
-                    embedding = self._encode_logged(key, image)
-                    self._write_store(store_key, embedding)
-                    return embedding
-        self.lookup(self._store_tier, hit=True)
-        logger.info("Loaded the embedding of %s from %s", key, self.store.location)
+    def _stored(self, key: str) -> Embedding | None:
+        """The stored embedding of ``key`` on the device, or None.
+
+        A miss is counted by the encode's job, which looks again under the store's lock.
+        """
+        embedding = self._load_stored(entry_key(self.fingerprint, key))
+        if embedding is not None:
+            self.lookup(self._store_tier, hit=True)
+            logger.info("Loaded the embedding of %s from %s", key, self.store.location)
         return embedding
 
     def _read_store(self, store_key: str) -> StoredEmbedding | None:
@@ -266,3 +287,75 @@ class EmbeddingTiers:
             self.store.discard(store_key)
         except Exception as exc:
             logger.warning("Embedding store %s failed to delete %s (%s)", self.store.location, store_key, exc)
+
+
+#: What an ``ensure_stored`` job gives when the store has the entry by its turn.
+_ALREADY_STORED = object()
+
+
+class _TierJob(EncodeJob):
+    """An encode that the tiers wrap: looked for again when its turn comes, then stored and kept in memory.
+
+    The queue's worker calls :meth:`prepare` when the image's turn comes, so
+    the store's lock is held for this image's look-again, encode and write
+    only, never while it waits behind other images (see the module's "Lock order").
+
+    Args:
+        tiers: the tiers the embedding goes into.
+        key: the image's identity.
+        image: the image, or a callable that loads it.
+        keep: keep the embedding in memory (False for ``ensure_stored``, which
+            also checks a stored entry without loading it, and raises
+            :class:`StoreError` when the entry cannot be written).
+
+    Example:
+        >>> job = _TierJob(tiers, "img-1", image)  # doctest: +SKIP
+        >>> tiers.queue.submit("img-1", job).result() is tiers.memory.get("img-1")  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, tiers: EmbeddingTiers, key: Hashable, image: LazyImage, keep: bool = True):
+        self.tiers = tiers
+        self.key = key
+        self.keep = keep
+        self.store_key = entry_key(tiers.fingerprint, str(key)) if tiers.store is not None else None
+        super().__init__(image, order=self.store_key or str(key))
+        self.encoded = False
+        self._locks = contextlib.ExitStack()
+
+    def prepare(self) -> object | None:
+        tiers = self.tiers
+        if self.keep:
+            # Encoded by an earlier job after the caller looked (e.g. a no-store process's race).
+            found = tiers.memory.get(self.key)
+            if found is not None:
+                return found
+        if tiers.store is None:
+            return None
+        self._locks.enter_context(tiers.store.lock(self.store_key))
+        # Another worker may have stored it while this job waited in the queue or for the lock.
+        if not self.keep:
+            return _ALREADY_STORED if tiers._read_store(self.store_key) is not None else None
+        found = tiers._load_stored(self.store_key)
+        tiers.lookup(tiers._store_tier, hit=found is not None)
+        if found is not None:
+            logger.info("Loaded the embedding of %s from %s", self.key, tiers.store.location)
+            tiers.memory.put(self.key, found)
+        return found
+
+    def finish(self, embedding: Embedding) -> Embedding:
+        tiers = self.tiers
+        self.encoded = True
+        if self.store_key is not None:
+            if self.keep:
+                tiers._write_store(self.store_key, embedding)
+            elif not tiers.store.put(self.store_key, tiers._to_stored(embedding)):
+                raise StoreError(
+                    f"Could not write the embedding of {self.key} to {tiers.store.location}; see the log."
+                )
+        if self.keep:
+            tiers.memory.put(self.key, embedding)
+        return embedding
+
+    def release(self) -> None:
+        self._locks.close()

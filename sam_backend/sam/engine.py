@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +19,7 @@ import numpy as np
 
 import sam_backend  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 from sam_backend.errors import PromptError
+from sam_backend.sam.decoder import ClickDecoder, UnsupportedLayers
 from sam_backend.sam.attention import fuse_vitdet_attention
 from sam_backend.sam.images import ImageSource, load_image
 from sam_backend.sam.stats import EngineStats
@@ -103,7 +105,11 @@ class SamEngine:
     :class:`~sam_backend.embeddings.tiers.EmbeddingTiers`'. Pre- and
     post-processing reproduce Meta's ``SamPredictor``. Sizes (input,
     embedding, mask) are read from the model, so small presets work as well
-    as ``sam_huge_sa1b``.
+    as ``sam_huge_sa1b``. Prompts are decoded by a
+    :class:`~sam_backend.sam.decoder.ClickDecoder` (keras-hub's prompt
+    encoder and mask decoder in plain torch, with what does not depend on
+    the prompt computed once), except in :meth:`decode_tensors`, which
+    trains through keras-hub's own layers.
 
     Args:
         model: a ``keras_hub.models.SAMImageSegmenter``.
@@ -145,6 +151,9 @@ class SamEngine:
         self.load_seconds: float | None = None
         self.stats = EngineStats()
         self.preset_dir = preset_dir
+        # The torch click decoder: built at the first decode (None: not yet; False: keras-hub's path).
+        self._click_decoder: ClickDecoder | None | bool = None
+        self._click_decoder_lock = threading.Lock()
 
     @classmethod
     def from_preset(cls, preset: str, device: str | None = None, **kwargs) -> "SamEngine":
@@ -181,16 +190,46 @@ class SamEngine:
             return str(keras.ops.convert_to_tensor(0.0).device)
 
     def warm_up(self) -> None:
-        """Decode once on a blank embedding, so that the first click does not pay torch's first-call costs."""
+        """Pay the model's one-time costs now, so that the first annotator does not.
+
+        Encodes one blank image at the model's input size (torch's and
+        oneDNN's first-call costs of the image encoder: kernel selection,
+        allocations) and decodes each kind of prompt on it (points, negative
+        points, a box, box and points, a refinement with ``mask_input``,
+        several boxes), upsampling a mask as a click does. Then checks that
+        the torch click decoder gives keras-hub's masks, and falls back to
+        keras-hub's layers if it does not (see :meth:`_get_click_decoder`).
+        Nothing here counts as an encode or a click in :attr:`stats` or
+        :attr:`encoder_calls`.
+        """
+        import torch
         from keras import ops
 
         size = self.input_size
-        with device_scope(self.device):
-            features = ops.convert_to_tensor(np.zeros((1, *self.embedding_size, self.embedding_channels), np.float32))
-        frame = Frame.for_image((size, size), size)
-        points = frame.to_model(np.array([[size / 2, size / 2]], np.float32))
-        logits, _ = self.decode_batch(features, points[None], np.ones((1, 1), np.float32))
-        postprocess_logits(logits[0, :1], frame)
+        started = time.perf_counter()
+        with torch.inference_mode(), device_scope(self.device):
+            blank = preprocess(np.zeros((size, size, 3), np.uint8), size)[None]
+            features = self._encoder(ops.convert_to_tensor(blank, dtype="float32")).float()
+        encoded = time.perf_counter()
+        embedding = Embedding(features=features, frame=Frame.for_image((size, size), size))
+        center, corner = [size / 2, size / 2], [size / 4, size / 4]
+        box = np.array([size / 8, size / 8, size * 5 / 8, size * 5 / 8], np.float32)
+        prompts = [
+            dict(points=[center], labels=[1]),
+            dict(points=[center, corner], labels=[1, 0]),
+            dict(box=box),
+            dict(points=[center, corner], labels=[1, 0], box=box),
+        ]
+        for prompt in prompts:
+            prompt = validate_prompt(prompt.get("points"), prompt.get("labels"), prompt.get("box"), (size, size))
+            prediction = self._decode(embedding, *prompt)
+            prediction.mask  # noqa: B018  (the upsampling to the image size)
+        self._decode(embedding, *prompt, mask_input=prediction.low_res_logits[0]).mask  # a refinement click
+        self._decode_boxes(embedding, [box, box + 1])
+        logger.info(
+            "Warm-up: first encode %.2fs, decodes %.2fs",
+            encoded - started, time.perf_counter() - encoded,
+        )
 
     # ---------------------------------------------------------------- encode
 
@@ -282,28 +321,31 @@ class SamEngine:
                 raise PromptError(
                     f"mask_input must be {self.mask_input_size} low-resolution logits; got {mask_input.shape}."
                 )
+        with self.stats.decode_seconds.time():
+            return self._decode(embedding, points, labels, box, mask_input, multimask)
+
+    def _decode(self, embedding: Embedding, points, labels, box, mask_input=None, multimask=None) -> Prediction:
+        """:meth:`decode` of a validated prompt, without counting it in :attr:`stats`."""
+        frame = embedding.frame
         if multimask is None:
             multimask = len(points) == 1 and box is None
-
         model_points = frame.to_model(points)
         model_box = None if box is None else frame.to_model(box.reshape(2, 2))
-        with self.stats.decode_seconds.time():
-            logits, iou = self.decode_batch(
-                embedding.features,
-                model_points[None],
-                labels[None],
-                None if model_box is None else model_box[None, None],
-                None if mask_input is None else mask_input[None],
-            )
+        outputs = self._outputs(multimask)
+        logits, iou = self._decode_outputs(
+            embedding.features,
+            model_points[None],
+            labels[None],
+            None if model_box is None else model_box[None, None],
+            None if mask_input is None else mask_input[None],
+            outputs,
+        )
         logits, iou = logits[0], iou[0]
-        if multimask:
-            logits, iou = logits[1:], iou[1:]
-        else:
-            logits, iou = logits[:1], iou[:1]
-        order = np.argsort(-iou.cpu().numpy(), kind="stable")
-        logits, iou = logits[order.tolist()], iou[order.tolist()]
+        scores = iou.cpu().numpy()
+        order = np.argsort(-scores, kind="stable").tolist()
+        logits = logits[order]
         return Prediction(
-            scores=iou.cpu().numpy(),
+            scores=scores[order],
             low_res_logits=logits.cpu().numpy(),
             frame=frame,
             _logits_tensor=logits,
@@ -317,16 +359,22 @@ class SamEngine:
         """
         frame = embedding.frame
         checked = [validate_prompt(None, None, box, frame.original_size)[2] for box in boxes]
-        if not checked:
+        return self._decode_boxes(embedding, checked)
+
+    def _decode_boxes(self, embedding: Embedding, boxes: list[np.ndarray]) -> list[Prediction]:
+        """:meth:`decode_boxes` of validated ``(4,)`` boxes."""
+        frame = embedding.frame
+        if not boxes:
             return []
-        model_boxes = np.stack([frame.to_model(box.reshape(2, 2)) for box in checked])[:, None]
-        empty_points = np.zeros((len(checked), 0, 2), np.float32)
-        logits, iou = self.decode_batch(embedding.features, empty_points, np.zeros((len(checked), 0), np.float32), model_boxes)
-        logits, iou = logits[:, :1], iou[:, :1]
+        model_boxes = np.stack([frame.to_model(np.asarray(box, np.float32).reshape(2, 2)) for box in boxes])[:, None]
+        empty_points = np.zeros((len(boxes), 0, 2), np.float32)
+        logits, iou = self._decode_outputs(
+            embedding.features, empty_points, np.zeros((len(boxes), 0), np.float32), model_boxes, None, [0]
+        )
         return [
             Prediction(scores=iou[i].cpu().numpy(), low_res_logits=logits[i].cpu().numpy(), frame=frame,
                        _logits_tensor=logits[i])
-            for i in range(len(checked))
+            for i in range(len(boxes))
         ]
 
     def decode_batch(self, features, points: np.ndarray, labels: np.ndarray, boxes=None, mask_inputs=None):
@@ -345,17 +393,95 @@ class SamEngine:
             a box, the padding point (0, 0) with label -1 is appended here, as
             SAM's prompt encoder expects.
         """
+        return self._decode_outputs(features, points, labels, boxes, mask_inputs, None)
+
+    def _outputs(self, multimask: bool) -> list[int]:
+        """The decoder outputs a prompt returns: SAM's multimask ones (1..3), or its single mask (0)."""
+        count = int(self._mask_decoder.num_mask_tokens)
+        return list(range(1, count)) if multimask else [0]
+
+    def _decode_outputs(self, features, points, labels, boxes, mask_inputs, outputs):
+        """Logits ``(B, K, h, w)`` and IoUs ``(B, K)`` of the decoder ``outputs`` (None: all), without autograd.
+
+        Through the torch click decoder when it reproduces this model,
+        through keras-hub's layers otherwise.
+        """
         import torch
 
         with torch.inference_mode(), device_scope(self.device):
+            decoder = self._get_click_decoder()
+            if decoder:
+                return self._fast_decode(decoder, features, points, labels, boxes, mask_inputs, outputs)
             logits, iou = self.decode_tensors(features, points, labels, boxes, mask_inputs)
+            if outputs is not None:
+                logits, iou = logits[:, outputs], iou[:, outputs]
             return logits.float(), iou.float()
+
+    def _fast_decode(self, decoder: ClickDecoder, features, points, labels, boxes, mask_inputs, outputs=None):
+        import torch
+
+        points = torch.as_tensor(points, dtype=torch.float32, device=features.device)
+        labels = torch.as_tensor(labels, dtype=torch.float32, device=features.device)
+        if boxes is None:  # the padding point keras-hub's prompt encoder expects without a box
+            points = torch.cat([points, torch.zeros_like(points[:, :1])], dim=1)
+            labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)
+        logits, iou = decoder(features.float(), points, labels, boxes, mask_inputs, outputs)
+        return logits, iou if outputs is None else iou[:, outputs]
+
+    def _get_click_decoder(self) -> ClickDecoder | bool:
+        """The torch click decoder, built and checked once; False where it does not reproduce this model.
+
+        Built at the first decode (:meth:`warm_up` in the server), and
+        compared then with keras-hub's layers on a point prompt and on a
+        box + points + mask prompt: a keras-hub release whose layers compute
+        something else falls back to them instead of giving other masks.
+        """
+        if self._click_decoder is None:
+            with self._click_decoder_lock:
+                if self._click_decoder is None:
+                    try:
+                        decoder = ClickDecoder(self._prompt_encoder, self._mask_decoder)
+                    except UnsupportedLayers as exc:
+                        logger.warning("Decoding with keras-hub's layers: %s", exc)
+                        decoder = False
+                    if decoder:
+                        worst = self._click_decoder_error(decoder)
+                        if worst > 1.0:
+                            logger.warning(
+                                "The torch click decoder differs from keras-hub's layers (%.1fx the tolerance); "
+                                "decoding with keras-hub's layers instead", worst,
+                            )
+                            decoder = False
+                    self._click_decoder = decoder
+        return self._click_decoder
+
+    def _click_decoder_error(self, decoder: ClickDecoder) -> float:
+        """The click decoder's largest difference from keras-hub's layers, in units of ``1e-3 + 1e-3 |x|``."""
+        import torch
+
+        device = self._prompt_encoder.no_mask_embed.embeddings.value.device
+        generator = torch.Generator().manual_seed(0)
+        features = torch.randn((1, *self.embedding_size, self.embedding_channels), generator=generator).to(device)
+        mask = torch.randn((1, *self.mask_input_size), generator=generator).to(device)
+        size = self.input_size
+        points = np.array([[[size / 2, size / 2], [size / 4, size / 3]]], np.float32)
+        labels = np.array([[1, 0]], np.float32)
+        box = np.array([[[[size / 8, size / 8], [size * 5 / 8, size * 3 / 4]]]], np.float32)
+        worst = 0.0
+        with torch.inference_mode(), device_scope(self.device):
+            for args in ((points, labels, None, None), (points, labels, box, mask)):
+                expected = [t.float() for t in self.decode_tensors(features, *args)]
+                got = self._fast_decode(decoder, features, *args)
+                for e, g in zip(expected, got):
+                    worst = max(worst, float(((e - g).abs() / (1e-3 + 1e-3 * e.abs())).max()))
+        return worst
 
     def decode_tensors(self, features, points, labels, boxes=None, mask_inputs=None):
         """:meth:`decode_batch` with autograd left on, for training.
 
         Takes numpy arrays or torch tensors; ``features`` may hold one image
-        (shared by all prompts) or one per prompt.
+        (shared by all prompts) or one per prompt. Always keras-hub's own
+        layers: gradients flow into their variables, and nothing is cached.
         """
         import torch
         from keras import ops

@@ -34,7 +34,9 @@ class EngineStats:
             "sam_decode_seconds", "Prompt encoder and mask decoder time per prompt", buckets=DECODE_BUCKETS,
             registry=None,
         )
-        self.in_flight = Gauge("sam_images_in_flight", "Images being encoded now", registry=None)
+        # Summed over the live workers when gunicorn's workers share their metrics.
+        self.in_flight = Gauge("sam_images_in_flight", "Images being encoded now", registry=None,
+                               multiprocess_mode="livesum")
 
     def collect(self):
         """The metrics, for a registry collector."""
