@@ -48,7 +48,7 @@ def test_config_finds_image_brush_and_smart_controls():
     "xml, message",
     [
         ('<View><Image name="i" value="$i"/><KeyPointLabels name="k" toName="i"><Label value="A"/></KeyPointLabels></View>',
-         'no <BrushLabels> bound to the image ("i")'),
+         'no <BrushLabels> or <PolygonLabels> bound to the image ("i")'),
         ('<View><Text name="t" value="$t"/><BrushLabels name="b" toName="t"><Label value="A"/></BrushLabels></View>',
          "no <Image> tag"),
         ("", "no label config"),

@@ -1,4 +1,8 @@
-"""What the backend needs from a Label Studio label config."""
+"""What the backend needs from a Label Studio label config.
+
+The image, where its masks go (a ``<BrushLabels>``, a ``<PolygonLabels>``, or
+both) and which smart controls give prompts. Parsed once per config text.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,27 @@ from sam_backend.errors import LabelConfigError
 
 KEYPOINT_TAGS = ("KeyPointLabels", "KeyPoint")
 RECTANGLE_TAGS = ("RectangleLabels", "Rectangle")
+#: The controls a mask can go to (see :mod:`sam_backend.labelstudio.output`).
+BRUSH_TAG = "BrushLabels"
+POLYGON_TAG = "PolygonLabels"
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     """The tags of a label config that SAM works with.
 
+    Masks go to a ``<BrushLabels>``, a ``<PolygonLabels>``, or both, bound to
+    the image; at least one of them is there.
+
     Attributes:
         image_name: ``name`` of the ``<Image>`` tag (the ``to_name`` of regions).
         image_key: the task data field holding the image URL (``$image`` -> ``image``).
-        brush_name: ``name`` of the ``<BrushLabels>`` bound to the image.
-        brush_labels: its label values, in config order.
+        brush_name: ``name`` of the ``<BrushLabels>`` bound to the image, or None.
+        brush_labels: its label values, in config order (empty without a brush).
         keypoint_names: names of keypoint controls bound to the image.
         rectangle_names: names of rectangle controls bound to the image.
+        polygon_name: ``name`` of the ``<PolygonLabels>`` bound to the image, or None.
+        polygon_labels: its label values, in config order (empty without one).
 
     Example:
         >>> cfg = parse_label_config(
@@ -35,19 +47,26 @@ class LabelConfig:
 
     image_name: str
     image_key: str
-    brush_name: str
+    brush_name: str | None
     brush_labels: tuple[str, ...]
     keypoint_names: tuple[str, ...]
     rectangle_names: tuple[str, ...]
+    # Last and defaulted, so that brush-only configs are still built positionally.
+    polygon_name: str | None = None
+    polygon_labels: tuple[str, ...] = ()
 
 
 @functools.lru_cache(maxsize=64)
 def parse_label_config(xml: str) -> LabelConfig:
-    """Find the Image, its BrushLabels and its smart keypoint/rectangle controls.
+    """Find the Image, its BrushLabels and/or PolygonLabels, and its smart keypoint/rectangle controls.
+
+    The first ``<Image>`` with a ``<BrushLabels>`` or a ``<PolygonLabels>``
+    bound to it is used (the first of each kind, if several).
 
     Raises:
         LabelConfigError: the config is missing, unparsable, or lacks an Image
-            with a BrushLabels bound to it; the message names what is missing.
+            with a BrushLabels or PolygonLabels bound to it, or that control has
+            no label; the message names what is missing.
     """
     if not xml or not xml.strip():
         raise LabelConfigError("The project has no label config; paste label_config.xml from sam-backend.")
@@ -65,26 +84,36 @@ def parse_label_config(xml: str) -> LabelConfig:
     controls = list(interface.controls)
     for image in images:
         bound = [c for c in controls if image.name in (c.to_name or [])]
-        brushes = [c for c in bound if c.tag == "BrushLabels"]
-        if not brushes:
+        brush = next((c for c in bound if c.tag == BRUSH_TAG), None)
+        polygon = next((c for c in bound if c.tag == POLYGON_TAG), None)
+        if brush is None and polygon is None:
             continue
-        brush = brushes[0]
-        labels = tuple(brush.labels or ())
-        if not labels:
-            raise LabelConfigError(
-                f'The <BrushLabels name="{brush.name}"> has no <Label>; add at least one label for the masks.'
-            )
         return LabelConfig(
             image_name=image.name,
             image_key=(image.value or "").lstrip("$") or image.name,
-            brush_name=brush.name,
-            brush_labels=labels,
+            brush_name=brush.name if brush is not None else None,
+            brush_labels=_labels_of(brush),
             keypoint_names=tuple(c.name for c in bound if c.tag in KEYPOINT_TAGS),
             rectangle_names=tuple(c.name for c in bound if c.tag in RECTANGLE_TAGS),
+            polygon_name=polygon.name if polygon is not None else None,
+            polygon_labels=_labels_of(polygon),
         )
     names = ", ".join(f'"{i.name}"' for i in images)
     raise LabelConfigError(
-        f"The label config has no <BrushLabels> bound to the image ({names}): the masks have nowhere "
-        f'to go. Add <BrushLabels name="brush" toName="{images[0].name}"> with your labels '
-        "(see label_config.xml in sam-backend)."
+        f"The label config has no <{BRUSH_TAG}> or <{POLYGON_TAG}> bound to the image ({names}): the masks "
+        f'have nowhere to go. Add <{BRUSH_TAG} name="brush" toName="{images[0].name}"> (masks) or '
+        f'<{POLYGON_TAG} name="polygon" toName="{images[0].name}"> (polygons) with your labels '
+        "(see label_config.xml and label_config_polygons.xml in sam-backend)."
     )
+
+
+def _labels_of(control) -> tuple[str, ...]:
+    """The control's label values; a mask control without any cannot label a mask."""
+    if control is None:
+        return ()
+    labels = tuple(control.labels or ())
+    if not labels:
+        raise LabelConfigError(
+            f'The <{control.tag} name="{control.name}"> has no <Label>; add at least one label for the masks.'
+        )
+    return labels

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from sam_backend.sam.automask import AutoMaskGenerator, AutoMaskSettings
 from sam_backend.errors import BadRequestError
 from sam_backend.labelstudio.labelconfig import LabelConfig
-from sam_backend.labelstudio.regions import brush_label_for, fit_mask, mask_to_brush_region, prompts_from_task
+from sam_backend.labelstudio.output import OutputSettings, mask_to_regions
+from sam_backend.labelstudio.regions import fit_mask, prompts_from_task
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class PrelabelSettings:
     Attributes:
         mode: one of :data:`MODES`.
         auto: automatic mask generation settings.
-        auto_label: the brush label of automatic masks (default: the brush's first).
+        auto_label: the label of automatic masks (default: the brush's or polygon control's first).
+        output: what masks become (brush, polygons, both) and polygon settings.
 
     Example:
         >>> PrelabelSettings.from_sources({"SAM_PRELABEL": "auto"}, {"points_per_side": 8}).auto.points_per_side
@@ -45,6 +47,7 @@ class PrelabelSettings:
     mode: str = DEFAULT_MODE
     auto: AutoMaskSettings = field(default_factory=AutoMaskSettings)
     auto_label: str | None = None
+    output: OutputSettings = field(default_factory=OutputSettings)
 
     @classmethod
     def from_sources(cls, environ: dict | None = None, extra_params: dict | None = None) -> "PrelabelSettings":
@@ -54,7 +57,8 @@ class PrelabelSettings:
         ``SAM_AUTO_<SETTING>`` for each :class:`AutoMaskSettings` field
         (``SAM_AUTO_POINTS_PER_SIDE=16``). ``extra_params`` (the JSON set in
         Label Studio's model settings) uses ``prelabel``, ``auto_label`` and
-        the field names themselves, or an ``"auto": {...}`` object.
+        the field names themselves, or an ``"auto": {...}`` object. The
+        output kind and polygon settings: :meth:`OutputSettings.from_sources`.
 
         Raises:
             BadRequestError: an unknown mode or an invalid setting.
@@ -73,7 +77,7 @@ class PrelabelSettings:
         nested = extra.get("auto") if isinstance(extra.get("auto"), dict) else {}
         auto = AutoMaskSettings.from_mapping({**extra, **nested}, base=auto)
         label = extra.get("auto_label") or environ.get("SAM_AUTO_LABEL") or None
-        return cls(mode=mode, auto=auto, auto_label=label)
+        return cls(mode=mode, auto=auto, auto_label=label, output=OutputSettings.from_sources(environ, extra))
 
 
 @dataclass
@@ -91,7 +95,7 @@ class TaskMasks:
 
 
 def predict_task_masks(engine, embedding, task: dict, config: LabelConfig, settings: PrelabelSettings) -> TaskMasks:
-    """Brush regions for ``task`` without an annotator's click.
+    """Regions (brush, polygons: ``settings.output``) for ``task`` without an annotator's click.
 
     Args:
         engine: a :class:`~sam_backend.sam.engine.SamEngine`.
@@ -102,6 +106,7 @@ def predict_task_masks(engine, embedding, task: dict, config: LabelConfig, setti
 
     Raises:
         BadRequestError, PromptError: a malformed region on the task.
+        LabelConfigError: the project asks for an output its config has no control for.
     """
     if settings.mode == "off":
         return TaskMasks([], "none")
@@ -118,12 +123,14 @@ def predict_task_masks(engine, embedding, task: dict, config: LabelConfig, setti
                     embedding, points=prompt.points or None, labels=prompt.labels or None, box=prompt.box
                 )
                 mask = fit_mask(prediction.mask, prompt.original_width, prompt.original_height)
-                label = brush_label_for(prompt.label, config)
-                regions.append(mask_to_brush_region(mask, label, prediction.score, config, prompt.image_rotation))
+                labels = settings.output.labels_for(prompt.label, config)
+                regions += mask_to_regions(
+                    mask, labels, prediction.score, config, settings.output.polygon, prompt.image_rotation
+                )
             return TaskMasks(regions, "boxes")
         if settings.mode == "boxes":
             return TaskMasks([], "none")
-    label = brush_label_for(settings.auto_label, config)
+    labels = settings.output.labels_for(settings.auto_label, config)  # once: it logs a missing label
     masks = AutoMaskGenerator(engine, settings.auto).generate(embedding)
-    regions = [mask_to_brush_region(m.mask, label, m.score, config) for m in masks]
+    regions = [r for m in masks for r in mask_to_regions(m.mask, labels, m.score, config, settings.output.polygon)]
     return TaskMasks(regions, "auto" if regions else "none")
