@@ -37,6 +37,19 @@ class MediaTimeoutError(MediaFetchError):
     """Fetching the task's media took too long."""
 
 
+class MediaRefusedError(MediaFetchError):
+    """The task's media URL points where the backend does not fetch from.
+
+    A private, loopback or link-local address not allowed by the operator, a
+    ``file://`` or other non-http(s) URL, a local-files path outside the
+    document root: refused before anything is fetched.
+    """
+
+
+class MediaTooLargeError(MediaFetchError):
+    """The task's media is larger than the download limit (``SAM_MAX_DOWNLOAD_MB``)."""
+
+
 class PresetLoadError(SamBackendError):
     """A keras-hub preset could not be loaded as a SAM image segmenter."""
 

@@ -1,7 +1,10 @@
-"""WSGI entry point: ``gunicorn sam_backend.wsgi:app``.
+"""WSGI entry point: ``gunicorn -c python:sam_backend.gunicorn_conf sam_backend.wsgi:app``.
 
 Each gunicorn worker imports this module itself (no ``--preload``), so each
-loads the model once, in the background, at start.
+loads the model once, in the background, at start. The workers share what
+``/setup`` said and the refinement state through the embedding store's
+directory or Redis (:mod:`sam_backend.server.shared_state`), and, with
+:mod:`sam_backend.gunicorn_conf`'s hooks, their ``/metrics``.
 """
 
 from sam_backend.allocator import log_allocator_once

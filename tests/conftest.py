@@ -64,9 +64,11 @@ def random_image(rng, height: int, width: int) -> np.ndarray:
 
 
 @pytest.fixture()
-def media(tmp_path):
+def media(tmp_path, monkeypatch):
+    """A loopback media server; loopback media is refused by default, so it is allowed here."""
     from media_server import MediaServer
 
+    monkeypatch.setenv("SAM_MEDIA_ALLOWED_HOSTS", "127.0.0.1")
     root = tmp_path / "media"
     root.mkdir()
     server = MediaServer(root)

@@ -24,7 +24,9 @@ def free_port() -> int:
 @pytest.fixture()
 def served(tiny_preset_dir, tmp_path):
     port = free_port()
-    env = dict(os.environ, MODEL_DIR=str(tmp_path), BASIC_AUTH_USER="u", BASIC_AUTH_PASS="p", LOG_LEVEL="INFO")
+    # The media fixture's loopback server, which this server starts before, must be allowed.
+    env = dict(os.environ, MODEL_DIR=str(tmp_path), BASIC_AUTH_USER="u", BASIC_AUTH_PASS="p", LOG_LEVEL="INFO",
+               SAM_MEDIA_ALLOWED_HOSTS="127.0.0.1")
     log = open(tmp_path / "server.log", "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "sam_backend", "serve", "--preset", str(tiny_preset_dir),

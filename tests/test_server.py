@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -314,16 +315,67 @@ def test_bad_input_gets_a_clear_error_and_the_next_request_works(client, bad_med
 # ------------------------------------------------------------ model loading
 
 
-def test_loading_model_answers_health_and_503(tmp_path):
+def post_in_thread(app, body):
+    """POST /predict from another thread (its own test client); the response lands in the returned dict."""
+    answer = {}
+
+    def post():
+        started = time.monotonic()
+        answer["response"] = app.test_client().post("/predict", json=body)
+        answer["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread, answer
+
+
+def test_loading_model_answers_health_and_503(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM_LOAD_WAIT", "1.5")
+    release = threading.Event()
+    holder = ModelHolder("slow", loader=lambda preset: release.wait(30) and None)
+    app = create_app(SamBackend(holder=holder, fetcher=MediaFetcher(cache_dir=str(tmp_path))))
+    client = app.test_client()
+    health = client.get("/health")
+    assert health.status_code == 200 and health.get_json()["model_state"] == "loading"
+    thread, answer = post_in_thread(app, predict_body("http://x/y.png", [keypoint(1, 1)]))
+    time.sleep(0.2)
+    started = time.monotonic()  # /health answers at once while a /predict waits for the model
+    health = client.get("/health")
+    assert time.monotonic() - started < 0.5 and health.get_json()["model_state"] == "loading"
+    assert client.post("/setup", json=fixture("setup.json")).status_code == 200
+    thread.join(30)
+    response = answer["response"]
+    assert answer["seconds"] >= 1.5  # it waited SAM_LOAD_WAIT, then gave up
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert "still loading" in response.get_json()["error"]
+    release.set()
+
+
+def test_a_click_while_the_model_loads_is_answered_once_it_is_ready(engine, tmp_path, media, image):
+    release = threading.Event()
+    holder = ModelHolder("slow", loader=lambda preset: engine if release.wait(30) else None)
+    app = create_app(SamBackend(holder=holder, fetcher=MediaFetcher(cache_dir=str(tmp_path / "cache"))))
+    thread, answer = post_in_thread(app, predict_body(media.url + "/img.png", [keypoint(25, 50)]))
+    time.sleep(0.5)
+    assert thread.is_alive()  # waiting for the model, not refused
+    health = app.test_client().get("/health")
+    assert health.get_json()["model_state"] == "loading"
+    release.set()
+    thread.join(60)
+    response = answer["response"]
+    assert response.status_code == 200, response.get_json()
+    (region,) = response.get_json()["results"][0]["result"]
+    assert decode_brush(region).shape == (90, 200)
+
+
+def test_with_one_thread_a_click_while_loading_is_refused_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("THREADS", "1")  # waiting would keep /health from being answered
     release = threading.Event()
     holder = ModelHolder("slow", loader=lambda preset: release.wait(30) and None)
     client = create_app(SamBackend(holder=holder, fetcher=MediaFetcher(cache_dir=str(tmp_path)))).test_client()
-    health = client.get("/health")
-    assert health.status_code == 200 and health.get_json()["model_state"] == "loading"
+    started = time.monotonic()
     response = client.post("/predict", json=predict_body("http://x/y.png", [keypoint(1, 1)]))
-    assert response.status_code == 503 and response.headers["Retry-After"]
-    assert "still loading" in response.get_json()["error"]
-    assert client.post("/setup", json=fixture("setup.json")).status_code == 200
+    assert response.status_code == 503 and time.monotonic() - started < 5
     release.set()
 
 

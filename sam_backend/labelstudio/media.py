@@ -1,4 +1,10 @@
-"""Fetching task media through label-studio-sdk, with credentials and timeouts."""
+"""Fetching task media through label-studio-sdk, with credentials, timeouts and limits.
+
+Where media may come from (no private addresses, no ``file://``, local-files
+paths inside their document root) and how much of it is read are decided by
+:mod:`sam_backend.labelstudio.media_safety`; this module picks the URL forms
+Label Studio serves itself and hands the download to label-studio-sdk.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,17 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from sam_backend.errors import MediaFetchError, MediaTimeoutError
+from sam_backend.errors import MediaFetchError, MediaRefusedError, MediaTimeoutError, MediaTooLargeError
+from sam_backend.labelstudio.media_safety import MediaPolicy, MediaSession, max_download_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +49,6 @@ class Credentials:
         )
 
 
-class _TimeoutSession(requests.Session):
-    """label-studio-sdk downloads without a timeout; this session adds one."""
-
-    def __init__(self, timeout: float):
-        super().__init__()
-        self.timeout = timeout
-
-    def request(self, *args, **kwargs):
-        kwargs.setdefault("timeout", self.timeout)
-        return super().request(*args, **kwargs)
-
-
 class MediaFetcher:
     """Resolve a task's image URL to a local file with ``get_local_path``.
 
@@ -60,9 +57,16 @@ class MediaFetcher:
     Personal access tokens (JWT refresh tokens) are exchanged for short-lived
     access tokens, which is what Label Studio accepts as ``Bearer``.
 
+    Media is only fetched from where ``policy`` allows (the Label Studio host
+    of the credentials is always allowed), at most ``max_bytes`` of it, and a
+    local-files path is only read inside its document root.
+
     Args:
         cache_dir: where downloads are kept (default: ``MODEL_DIR/media`` or a temp dir).
         timeout: seconds per HTTP request.
+        policy: where media may come from (default: ``SAM_MEDIA_ALLOWED_HOSTS``,
+            ``SAM_MEDIA_ALLOW_PRIVATE``).
+        max_bytes: the largest download (default: ``SAM_MAX_DOWNLOAD_MB``, 100 MB).
 
     Example:
         >>> fetcher = MediaFetcher()
@@ -70,11 +74,14 @@ class MediaFetcher:
         ...     credentials=Credentials("http://localhost:8080", "<token>"))  # doctest: +SKIP
     """
 
-    def __init__(self, cache_dir: str | None = None, timeout: float | None = None):
+    def __init__(self, cache_dir: str | None = None, timeout: float | None = None,
+                 policy: MediaPolicy | None = None, max_bytes: int | None = None):
         base = cache_dir or os.path.join(os.environ.get("MODEL_DIR") or tempfile.gettempdir(), "sam-backend-media")
         self.cache_dir = base
         os.makedirs(self.cache_dir, exist_ok=True)
         self.timeout = timeout or float(os.environ.get("SAM_MEDIA_TIMEOUT") or DEFAULT_TIMEOUT)
+        self.policy = policy if policy is not None else MediaPolicy.from_env()
+        self.max_bytes = max_bytes if max_bytes is not None else max_download_bytes()
         self._access_tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = threading.Lock()
 
@@ -82,6 +89,10 @@ class MediaFetcher:
         """A local path for ``url``.
 
         Raises:
+            MediaRefusedError: the URL is not http(s) nor a Label Studio path, its
+                host (or a redirect's) is not allowed, or a local-files path
+                leaves its document root.
+            MediaTooLargeError: the download is larger than ``max_bytes``.
             MediaTimeoutError: Label Studio or the media host did not answer in time.
             MediaFetchError: unreachable, refused, 404, or no credentials for a
                 Label Studio URL.
@@ -95,15 +106,20 @@ class MediaFetcher:
         if not isinstance(url, str) or not url:
             raise MediaFetchError(f"Task {task_id}: the image URL is empty.")
         credentials = credentials if credentials is not None else Credentials()
-        session = _TimeoutSession(self.timeout)
+        policy = self.policy.for_labelstudio(credentials.hostname)
+        session = MediaSession(policy, self.timeout, self.max_bytes)
         try:
-            if url.startswith("/data/") and "?d=" in url:
+            if _is_local_storage_url(url):
                 # get_local_path would copy a Local Storage file into the media
                 # cache once and return that copy ever after, hiding later edits
                 # of the file; read the file itself when it is on this host.
-                local = resolve_local_storage_file(url)
-                if local and os.path.isfile(local):
+                local = _local_storage_file(url, resolve_local_storage_file)
+                if local:
                     return local
+            elif not _is_labelstudio_path(url):
+                # file://, bare paths...: refused before the SDK sees them. Hosts are
+                # checked by the session when it connects, so a cached image costs no DNS lookup.
+                policy.check_form(url)
             token = self._bearer_token(credentials)
             with http_session(session), self._download_lock(url):
                 return get_local_path(
@@ -113,6 +129,12 @@ class MediaFetcher:
                     access_token=token,
                     task_id=task_id,
                 )
+        except (MediaRefusedError, MediaTooLargeError) as exc:
+            raise type(exc)(f"Task {task_id}: {exc}") from None
+        except requests.exceptions.TooManyRedirects:
+            raise MediaFetchError(
+                f"Task {task_id}: fetching {url} was redirected more than {session.max_redirects} times."
+            ) from None
         except requests.exceptions.Timeout:
             raise MediaTimeoutError(
                 f"Task {task_id}: fetching {url} took longer than {self.timeout:g}s (SAM_MEDIA_TIMEOUT)."
@@ -198,3 +220,50 @@ def _jwt_claims(token: str) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return claims if isinstance(claims, dict) else None
+
+
+def _is_local_storage_url(url: str) -> bool:
+    """Label Studio's local-files form, as label-studio-sdk recognises it."""
+    return url.startswith("/data/") and "?d=" in url
+
+
+def _is_labelstudio_path(url: str) -> bool:
+    """A form label-studio-sdk fetches from the Label Studio host (which the policy allows)."""
+    from label_studio_sdk._extensions.label_studio_tools.core.utils.io import is_cloud_storage_uri
+
+    return (
+        url.startswith(("upload", "/upload", "/data/upload", "/storage-data/uploaded", "storage-data/uploaded"))
+        or _is_local_storage_url(url)
+        or is_cloud_storage_uri(url)
+    )
+
+
+def _local_storage_file(url: str, resolve) -> str | None:
+    """The file a local-files URL names on this host, or None to fetch it from Label Studio.
+
+    Raises:
+        MediaRefusedError: the path leaves the document root: ``..`` (also
+            URL-encoded), or a symlink out of it. An absolute path is read
+            relative to the root, as Label Studio's own view does.
+    """
+    from label_studio_sdk._extensions.label_studio_tools.core.utils import io as sdk_io
+
+    # The ?d= value as Label Studio reads it: decoded once, the last one wins.
+    values = parse_qs(urlsplit(url).query, keep_blank_values=True).get("d") or [""]
+    normal = posixpath.normpath(values[-1])
+    if normal == ".." or normal.startswith("../"):
+        raise MediaRefusedError(f"Refused to read {url}: the local-files path leaves the document root.")
+    try:
+        local = resolve(url)
+    except ValueError:  # label-studio-sdk's own check of the same
+        raise MediaRefusedError(f"Refused to read {url}: the local-files path leaves the document root.") from None
+    if not local or not os.path.isfile(local):
+        return None
+    root = sdk_io.LOCAL_FILES_DOCUMENT_ROOT
+    if root:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([os.path.realpath(local), real_root]) != real_root:
+            raise MediaRefusedError(
+                f"Refused to read {url}: it is a link to a file outside LOCAL_FILES_DOCUMENT_ROOT ({root})."
+            )
+    return local

@@ -3,8 +3,9 @@
 Holds the Flask application factory (:mod:`.app`), :class:`~.backend.SamBackend`
 (requests to masks), budgets and late predictions (:mod:`.jobs`),
 pre-labelling without a click (:mod:`.prelabel`), refinement state
-(:mod:`.refinement`) and Prometheus metrics (:mod:`.metrics`). Gunicorn's
-entry point is :mod:`sam_backend.wsgi`.
+(:mod:`.refinement`), the state every worker shares (:mod:`.shared_state`)
+and Prometheus metrics over all workers (:mod:`.metrics`). Gunicorn's entry
+point is :mod:`sam_backend.wsgi`, its hooks :mod:`sam_backend.gunicorn_conf`.
 
 May import everything below it: ``sam_backend.sam``, ``sam_backend.embeddings``,
 ``sam_backend.labelstudio``. Never ``sam_backend.commands``.

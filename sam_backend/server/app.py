@@ -13,7 +13,7 @@ import os
 import time
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from sam_backend import __version__
 from sam_backend.server.backend import SamBackend
@@ -22,11 +22,14 @@ from sam_backend.errors import (
     ImageError,
     LabelConfigError,
     MediaFetchError,
+    MediaRefusedError,
     MediaTimeoutError,
+    MediaTooLargeError,
     ModelNotReadyError,
     SamBackendError,
 )
 from sam_backend.server.metrics import Metrics
+from sam_backend.server.shared_state import open_shared_state
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +38,28 @@ STATUS_BY_ERROR = (
     (BadRequestError, 400),
     (ImageError, 422),
     (LabelConfigError, 422),
+    # Our refusal to fetch from where the task points, not the media host's (that is a 502).
+    (MediaRefusedError, 403),
+    (MediaTooLargeError, 422),
     (MediaTimeoutError, 504),
     (MediaFetchError, 502),
     (ModelNotReadyError, 503),
 )
 RETRY_AFTER_SECONDS = 10
+#: Largest request body, in MB; ``SAM_MAX_REQUEST_MB`` overrides it. Label
+#: Studio's /predict for 100 tasks is a few MB.
+DEFAULT_MAX_REQUEST_MB = 50.0
+
+
+def max_request_bytes() -> int:
+    """``SAM_MAX_REQUEST_MB`` in bytes (default 50 MB)."""
+    raw = os.environ.get("SAM_MAX_REQUEST_MB")
+    try:
+        megabytes = float(raw) if raw else DEFAULT_MAX_REQUEST_MB
+    except ValueError:
+        logger.warning("SAM_MAX_REQUEST_MB=%r is not a number; using %g.", raw, DEFAULT_MAX_REQUEST_MB)
+        megabytes = DEFAULT_MAX_REQUEST_MB
+    return int(megabytes * 1024 * 1024)
 
 
 def status_for(error: SamBackendError) -> int:
@@ -57,22 +77,32 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
         backend: the backend to serve; one for ``SAM_PRESET`` by default.
         start_loading: start loading the model in the background now.
 
-    Basic auth is on when ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` are set.
+    Basic auth is on when ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` are set;
+    bodies above ``SAM_MAX_REQUEST_MB`` are answered 413 unread.
 
     Example:
         >>> app = create_app(SamBackend(preset="sam_base_sa1b"))  # doctest: +SKIP
         >>> app.test_client().get("/health").json["status"]  # doctest: +SKIP
         'UP'
     """
-    backend = backend or SamBackend()
+    # The server's own backend shares /setup and refinement state with the other workers.
+    backend = backend or SamBackend(shared=open_shared_state())
     if start_loading:
         backend.holder.start()
     app = Flask("sam_backend")
     app.config["JSON_SORT_KEYS"] = False
+    app.config["MAX_CONTENT_LENGTH"] = max_request_bytes()
     app.extensions["sam_backend"] = backend
     metrics = Metrics.create()
     metrics.watch(lambda: [source for source in (getattr(backend.holder.loaded_engine, "stats", None),
                                                  backend.holder.loaded_embeddings) if source is not None])
+
+    def model_gauges():
+        metrics.model_loaded.set(1 if backend.holder.state == "ready" else 0)
+        if backend.holder.load_seconds is not None:
+            metrics.model_load_seconds.set(backend.holder.load_seconds)
+
+    metrics.on_refresh(model_gauges)
     app.extensions["sam_metrics"] = metrics
     auth_user = os.environ.get("BASIC_AUTH_USER")
     auth_pass = os.environ.get("BASIC_AUTH_PASS")
@@ -108,6 +138,17 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
         metrics.errors.labels(request.endpoint or "unknown", str(error.code)).inc()
         response = jsonify(error=f"{error.name}: {error.description}")
         response.status_code = error.code or 500
+        return response
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def body_too_large(error: RequestEntityTooLarge):
+        metrics.errors.labels(request.endpoint or "unknown", "413").inc()
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        logger.warning("%s %s -> 413: body of %s bytes over the %d byte limit", request.method, request.path,
+                       request.content_length, limit)
+        response = jsonify(error=f"The request body is larger than {limit / (1024 * 1024):.3g} MB "
+                                 "(SAM_MAX_REQUEST_MB); send fewer tasks per request or raise the limit.")
+        response.status_code = 413
         return response
 
     @app.errorhandler(Exception)
@@ -176,11 +217,8 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
 
     @app.get("/metrics")
     def metrics_endpoint():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        metrics.model_loaded.set(1 if backend.holder.state == "ready" else 0)
-        if backend.holder.load_seconds is not None:
-            metrics.model_load_seconds.set(backend.holder.load_seconds)
-        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(metrics.expose(), mimetype=CONTENT_TYPE_LATEST)
 
     return app

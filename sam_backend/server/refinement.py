@@ -6,18 +6,23 @@ whole prompt every time (all smart regions so far), so the backend remembers,
 per image and prompt, the best logits for a short while; when a request's
 prompt is a remembered one plus one more point or box, those logits go in as
 ``mask_input``.
+
+The logits live in the workers' shared state
+(:mod:`sam_backend.server.shared_state`: files next to the embedding store,
+or Redis), so a click refines the previous one whichever worker computed it.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
-import threading
-import time
-from collections import OrderedDict
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+from sam_backend.server.shared_state import MemorySharedState, SharedState
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +62,16 @@ def previous_signatures(signature: Signature) -> Iterator[Signature]:
 class RefinementMemory:
     """Recent best low-resolution logits, by image and prompt, for a short time.
 
+    Entries are ``.npy`` bytes in the map ``refine`` of ``shared``, so every
+    worker that opened the same shared state sees them (a ViT-B logit map is
+    256 KiB: a read per click is cheap, and nothing is cached in the worker).
+
     Args:
         ttl_seconds: how long an entry is usable (annotators click within seconds).
         max_entries: the most entries kept; the oldest go first.
-        clock: time source (tests pass their own).
+        clock: time source of expiries (tests pass their own); default the
+            shared state's (wall time on disk, Redis' own time).
+        shared: where entries live; default this process's memory.
 
     Example:
         >>> memory = RefinementMemory()
@@ -70,16 +81,15 @@ class RefinementMemory:
     """
 
     def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS, max_entries: int = DEFAULT_MAX_ENTRIES,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] | None = None, shared: SharedState | None = None):
         self.ttl_seconds = ttl_seconds
         self.max_entries = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[tuple[str, Signature], tuple[float, np.ndarray]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.shared = shared if shared is not None else MemorySharedState()
+        self._entries = self.shared.map("refine", ttl=ttl_seconds, max_entries=max(1, max_entries), clock=clock)
 
     @classmethod
-    def from_env(cls) -> "RefinementMemory":
-        """With ``SAM_REFINE_SECONDS`` as the time to live (default 300; 0: off)."""
+    def from_env(cls, shared: SharedState | None = None) -> "RefinementMemory":
+        """With ``SAM_REFINE_SECONDS`` as the time to live (default 300; 0: off), in ``shared``."""
         value = os.environ.get("SAM_REFINE_SECONDS")
         try:
             ttl = float(value) if value else DEFAULT_TTL_SECONDS
@@ -87,7 +97,7 @@ class RefinementMemory:
             # A typo in an optional setting should not keep the server from starting.
             logger.warning("SAM_REFINE_SECONDS must be a number of seconds; got %r, using %g.", value, DEFAULT_TTL_SECONDS)
             ttl = DEFAULT_TTL_SECONDS
-        return cls(ttl_seconds=ttl)
+        return cls(ttl_seconds=ttl, shared=shared)
 
     @property
     def enabled(self) -> bool:
@@ -97,28 +107,28 @@ class RefinementMemory:
         """Keep ``logits`` (the best mask's, ``(h, w)``) for this image and prompt."""
         if not self.enabled:
             return
-        now = self._clock()
-        with self._lock:
-            self._entries.pop((image_key, signature), None)
-            self._entries[(image_key, signature)] = (now + self.ttl_seconds, np.array(logits, np.float32))
-            while self._entries:
-                key, (expires, _) = next(iter(self._entries.items()))
-                if len(self._entries) <= self.max_entries and expires > now:
-                    break
-                del self._entries[key]
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(logits, np.float32), allow_pickle=False)
+        self._entries.put(_entry_key(image_key, signature), buffer.getvalue())
 
     def previous(self, image_key: str, signature: Signature) -> np.ndarray | None:
         """The logits of a live prompt that ``signature`` extends by one region, or None."""
         if not self.enabled:
             return None
-        now = self._clock()
-        with self._lock:
-            for candidate in previous_signatures(signature):
-                entry = self._entries.get((image_key, candidate))
-                if entry is not None and entry[0] > now:
-                    return entry[1]
+        candidates = [_entry_key(image_key, candidate) for candidate in previous_signatures(signature)]
+        for data in self._entries.get_many(candidates):
+            if data is None:
+                continue
+            try:
+                return np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:  # a damaged entry is a miss, not a failed click
+                logger.warning("Ignoring unreadable refinement logits: %s", exc)
         return None
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return len(self._entries)
+
+
+def _entry_key(image_key: str, signature: Signature) -> str:
+    """One string for an image and a prompt (the shared maps hash it into a name)."""
+    return json.dumps([image_key, signature], separators=(",", ":"))
