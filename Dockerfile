@@ -37,7 +37,7 @@ RUN apt-get update \
     && ln -s "$lib" /usr/local/lib/libtcmalloc_minimal.so.4
 
 WORKDIR /app
-COPY pyproject.toml README.md label_config.xml ./
+COPY pyproject.toml README.md label_config.xml label_config_polygons.xml ./
 COPY sam_backend ./sam_backend
 RUN pip install . && useradd --create-home --uid 1000 sam && mkdir -p /data && chown sam:sam /data
 
@@ -50,4 +50,4 @@ EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=3s --start-period=120s --retries=3 \
     CMD ["sam-backend", "healthcheck"]
 
-ENTRYPOINT ["sh", "-c", "exec gunicorn --bind 0.0.0.0:${PORT} --workers ${WORKERS} --threads ${THREADS} --worker-class gthread --timeout 300 --access-logfile - sam_backend.wsgi:app"]
+ENTRYPOINT ["sh", "-c", "exec gunicorn --bind 0.0.0.0:${PORT} --workers ${WORKERS} --threads ${THREADS} --worker-class gthread --timeout 300 --access-logfile - --config python:sam_backend.gunicorn_conf sam_backend.wsgi:app"]

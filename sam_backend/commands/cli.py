@@ -34,6 +34,62 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_number(text: str) -> float:
+    """An argparse type: a number above 0 (CPUs per Ray actor)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    """An argparse type: a number of at least 0 (GPUs per Ray actor)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]`` and the actor pool's size (:mod:`sam_backend.commands.ray_pipeline`)."""
+    ray = parser.add_argument_group("Ray", "run on a Ray cluster; needs pip install 'sam-backend[ray]'")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the model in a Ray actor pool: alone, on a Ray instance started on this machine; "
+                     "with an address (auto, ray://head:10001), on that cluster")
+    ray.add_argument("--ray-actors", type=_positive_int, default=1, help="model workers, each loads the preset once (default 1)")
+    ray.add_argument("--ray-cpus-per-actor", type=_positive_number, default=1.0,
+                     help="CPUs each worker reserves, and its torch threads (default 1)")
+    ray.add_argument("--ray-gpus-per-actor", type=_non_negative_number, default=0.0,
+                     help="GPUs each worker reserves; 0.5 lets two share one (default 0)")
+
+
+def _ray_options(args: argparse.Namespace, fetch_tasks: int = 4):
+    from sam_backend.commands.ray_pipeline import RayOptions
+
+    return RayOptions(address=args.ray, actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
+                      gpus_per_actor=args.ray_gpus_per_actor, fetch_tasks=fetch_tasks, log_level=args.log_level)
+
+
+def _ray_missing(args: argparse.Namespace) -> bool:
+    """With ``--ray``, whether Ray is missing (logged, naming the extra): checked before anything else."""
+    if args.ray is None:
+        return False
+    from sam_backend.commands.ray_pipeline import RayUnavailableError, require_ray
+
+    try:
+        require_ray()
+    except RayUnavailableError as exc:
+        logger.error("%s", exc)
+        return True
+    return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam-backend", description="Segment Anything as a Label Studio ML backend.")
     parser.add_argument("--version", action="version", version=f"sam-backend {__version__}")
@@ -81,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.add_argument("--fetch-threads", type=int, default=4, help="parallel image downloads (default 4)")
     precompute.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     precompute.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"), help="DEBUG, INFO, WARNING...")
+    _add_ray_arguments(precompute)
 
     pre = commands.add_parser("preannotate", help="masks for every task of a Label Studio project (resumable)")
     pre.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio's address (default LABEL_STUDIO_URL)")
@@ -91,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "the model version of the predictions follows it")
     pre.add_argument("--mode", default=None, choices=("boxes", "auto", "boxes-then-auto"),
                      help="where prompts come from (default SAM_PRELABEL, else boxes)")
+    pre.add_argument("--output", default=None, choices=("brush", "polygon", "both"),
+                     help="what masks become when the label config has both a brush and polygons "
+                     "(default SAM_OUTPUT, else brush)")
     pre.add_argument("--view", type=int, default=None, help="only the tasks of this data manager view (tab) id")
     pre.add_argument("--limit", type=_positive_int, default=None, help="stop after this many tasks")
     pre.add_argument("--overwrite", action="store_true", help="recompute tasks that have our prediction and replace it")
@@ -99,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--cache-dir", default=None, help="embedding store to use and fill (default as for serve)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     pre.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"), help="DEBUG, INFO, WARNING...")
+    _add_ray_arguments(pre)
     return parser
 
 
@@ -111,21 +172,35 @@ def preannotate_command(args: argparse.Namespace) -> int:
     from sam_backend.commands.preannotate import Preannotator
     from sam_backend.server.prelabel import PrelabelSettings
 
+    if _ray_missing(args):
+        return 2
     if args.cache_dir:
-        os.environ["SAM_CACHE_DIR"] = args.cache_dir
+        os.environ["SAM_CACHE_DIR"] = args.cache_dir  # read by the model's store, here or in the Ray actors
     try:
-        settings = PrelabelSettings.from_sources(os.environ, {"prelabel": args.mode} if args.mode else None)
+        asked = {"prelabel": args.mode, "output": args.output}
+        settings = PrelabelSettings.from_sources(os.environ, {k: v for k, v in asked.items() if v})
         if settings.mode == "off":  # SAM_PRELABEL=off is for the server; a run asked for means boxes
             settings = dataclasses.replace(settings, mode="boxes")
         project = LabelStudioProject(args.url, args.api_key, args.project)
-        holder = ModelHolder(args.preset or default_preset()).start()
-        holder.wait()
-        holder.engine()  # the load error, if any, ends the run here
-        backend = SamBackend(holder=holder, credentials=Credentials(args.url, args.api_key))
+        if args.ray is not None:
+            # The model loads in each Ray actor; here the backend only names the model version.
+            backend = SamBackend(preset=args.preset or default_preset(), credentials=Credentials(args.url, args.api_key))
+        else:
+            holder = ModelHolder(args.preset or default_preset()).start()
+            holder.wait()
+            holder.engine()  # the load error, if any, ends the run here
+            backend = SamBackend(holder=holder, credentials=Credentials(args.url, args.api_key))
+        where = f", on Ray ({args.ray}, {args.ray_actors} actor(s))" if args.ray is not None else ""
         sys.stderr.write(f"Pre-annotating project {args.project} at {args.url} with {backend.model_version} "
-                         f"(mode {settings.mode}{', dry run' if args.dry_run else ''})\n")
-        runner = Preannotator(backend, project, settings, view=args.view, limit=args.limit, overwrite=args.overwrite,
-                              dry_run=args.dry_run, batch_size=args.batch_size, progress=not args.no_progress)
+                         f"(mode {settings.mode}{', dry run' if args.dry_run else ''}{where})\n")
+        options = dict(view=args.view, limit=args.limit, overwrite=args.overwrite, dry_run=args.dry_run,
+                       batch_size=args.batch_size, progress=not args.no_progress)
+        if args.ray is not None:
+            from sam_backend.commands.ray_pipeline import RayPreannotator
+
+            runner = RayPreannotator(backend, project, settings, _ray_options(args), **options)
+        else:
+            runner = Preannotator(backend, project, settings, **options)
         summary = runner.run()
     except SamBackendError as exc:
         logger.error("%s", exc)
@@ -144,11 +219,24 @@ def precompute_command(args: argparse.Namespace) -> int:
     from sam_backend.labelstudio.media import Credentials
     from sam_backend.sam.engine import SamEngine
 
+    if _ray_missing(args):
+        return 2
     try:
         project = LabelStudioProject(args.url, args.api_key, args.project)
         # Check Label Studio and the store before the model loads (a minute for a large preset).
         data_key = args.data_key or image_data_key(project.label_config())
         store = open_store(cache_dir=args.cache_dir, required=True)
+        if args.ray is not None:
+            from sam_backend.commands.ray_pipeline import RayPrecomputer
+
+            # The actors open the same store (SAM_CACHE_URL, else this directory, which must be shared on a cluster).
+            sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {args.preset or default_preset()} "
+                             f"on Ray ({args.ray}, {args.ray_actors} actor(s)) into {store.location}\n")
+            summary = RayPrecomputer(args.preset or default_preset(), project, Credentials(args.url, args.api_key),
+                                     _ray_options(args, args.fetch_threads), view=args.view, data_key=data_key,
+                                     cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress).run()
+            sys.stdout.write("\n".join(summary.lines()) + "\n")
+            return summary.exit_code
         engine = SamEngine.from_preset(args.preset or default_preset(), device=args.device)
         sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {engine.preset} "
                          f"on {engine.device_name} into {store.location}\n")
@@ -215,11 +303,14 @@ def serve(args: argparse.Namespace) -> None:
     """Run gunicorn on the Flask app; the model loads in each worker, in the background."""
     from gunicorn.app.base import BaseApplication
 
+    from sam_backend import gunicorn_conf
+
     if args.preset:
         os.environ["SAM_PRESET"] = args.preset  # read by each worker's app factory
     if args.cache_dir:
         os.environ["SAM_CACHE_DIR"] = args.cache_dir  # read by each worker's model loader
     os.environ["LOG_LEVEL"] = args.log_level  # read by each worker's logging set-up
+    os.environ["THREADS"] = str(args.threads)  # how many requests a worker lets wait for its model
     options = {
         "bind": f"{args.host}:{args.port}",
         "workers": args.workers,
@@ -229,6 +320,10 @@ def serve(args: argparse.Namespace) -> None:
         "loglevel": args.log_level.lower(),
         "accesslog": "-",
         "errorlog": "-",
+        # /metrics sums every worker's figures (see sam_backend.gunicorn_conf).
+        "on_starting": gunicorn_conf.on_starting,
+        "child_exit": gunicorn_conf.child_exit,
+        "on_exit": gunicorn_conf.on_exit,
     }
 
     class Server(BaseApplication):

@@ -33,7 +33,7 @@ class Summary(RunSummary):
         done: tasks given a prediction (uploaded, or computed in a dry run).
         empty: of those, predictions without any mask.
         skipped: tasks that already had a prediction of this model version.
-        masks: brush regions predicted.
+        masks: regions predicted (brush regions, or polygons: one per part of a mask).
         stopped_by: why the run stopped early.
     """
 
@@ -120,6 +120,7 @@ class Preannotator:
         started = time.monotonic()
         summary = Summary()
         config = parse_label_config(self.project.label_config())
+        self.settings.output.kinds(config)  # an output the config cannot take stops the run here, not per task
         version = self.backend.model_version
         total = self.project.count_tasks(self.view)
         bar = tqdm(total=min(total, self.limit) if self.limit else total, unit="task", disable=not self.progress,
@@ -132,7 +133,7 @@ class Preannotator:
                     break
                 if self.limit is not None and summary.done + len(summary.failed) + len(batch) >= self.limit:
                     break
-                if _ours(task, version) and not self.overwrite:
+                if our_predictions(task, version) and not self.overwrite:
                     summary.skipped += 1
                     bar.update(1)
                     continue
@@ -154,23 +155,18 @@ class Preannotator:
 
     def _process(self, tasks: list[dict], config, summary: Summary, bar) -> None:
         version = self.backend.model_version
-        self._encode_together(tasks, config)
+        encode_together(self.backend, tasks, config, self.project.project)
         uploads, replaced = [], []
         for task in tasks:
             if self.stop.is_set():
                 summary.interrupted, summary.stopped_by = True, "Ctrl-C"
                 break
-            try:
-                prediction = self.backend.prelabel(task, config, self.settings, project=self.project.project)
-            except SamBackendError as exc:
-                summary.failed[task.get("id")] = str(exc)
-                logger.warning("Task %s failed: %s", task.get("id"), exc)
-            except Exception as exc:  # a bug must not end a night-long run; it is reported
-                logger.exception("Task %s failed", task.get("id"))
-                summary.failed[task.get("id")] = f"{type(exc).__name__}: {exc}"
+            prediction, reason = predict_or_reason(self.backend, task, config, self.settings, self.project.project)
+            if reason is not None:
+                summary.failed[task.get("id")] = reason
             else:
                 uploads.append({"task": task["id"], **prediction})
-                replaced += [p["id"] for p in _ours(task, version) if "id" in p]
+                replaced += [p["id"] for p in our_predictions(task, version) if "id" in p]
             bar.update(1)
         if not self.dry_run and uploads:
             for prediction_id in replaced:
@@ -182,17 +178,34 @@ class Preannotator:
             summary.empty += not upload["result"]
         bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=len(summary.failed), refresh=False)
 
-    def _encode_together(self, tasks: list[dict], config) -> None:
-        """On a GPU, encode a batch's images in one call (each is then a memory-cache hit)."""
-        engine = self.backend.holder.engine()
-        if len(tasks) < 2 or not engine.device_name.startswith("cuda"):
-            return
-        try:
-            self.backend.encode_tasks(tasks, config, self.project.project)
-        except SamBackendError as exc:
-            logger.info("Batch encoding skipped (%s); images are encoded one by one", exc)
+
+def predict_or_reason(backend, task: dict, config, settings: PrelabelSettings, project) -> tuple[dict | None, str | None]:
+    """``(prediction, None)`` for one task (:meth:`SamBackend.prelabel`), or ``(None, why it failed)``.
+
+    The single-machine run and the Ray actors (:mod:`.ray_pipeline`) both
+    call it, so a task gets the same prediction, or the same reason, either way.
+    """
+    try:
+        return backend.prelabel(task, config, settings, project=project), None
+    except SamBackendError as exc:
+        logger.warning("Task %s failed: %s", task.get("id"), exc)
+        return None, str(exc)
+    except Exception as exc:  # a bug must not end a night-long run; it is reported
+        logger.exception("Task %s failed", task.get("id"))
+        return None, f"{type(exc).__name__}: {exc}"
 
 
-def _ours(task: dict, version: str) -> list[dict]:
+def encode_together(backend, tasks: list[dict], config, project) -> None:
+    """On a GPU, encode a batch's images in one call (each is then a memory-cache hit)."""
+    engine = backend.holder.engine()
+    if len(tasks) < 2 or not engine.device_name.startswith("cuda"):
+        return
+    try:
+        backend.encode_tasks(tasks, config, project)
+    except SamBackendError as exc:
+        logger.info("Batch encoding skipped (%s); images are encoded one by one", exc)
+
+
+def our_predictions(task: dict, version: str) -> list[dict]:
     """The task's predictions of model ``version``."""
     return [p for p in task.get("predictions") or [] if isinstance(p, dict) and p.get("model_version") == version]

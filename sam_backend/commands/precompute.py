@@ -187,24 +187,38 @@ class Precomputer:
             return
         try:
             url, identity, path = future.result()
-            encoded = self.embeddings.ensure_stored(
-                identity, lambda: load_image(path, name=f"The image of task {task_id} ({url})")
-            )
+            encoded = store_image(self.embeddings, identity, path, url, task_id)
         except StoreError:
             raise
-        except SamBackendError as exc:
-            summary.failed[task_id] = str(exc)
-            logger.warning("Task %s failed: %s", task_id, exc)
-            return
-        except OSError as exc:
-            summary.failed[task_id] = f"cannot read the fetched image: {exc}"
-            logger.warning("Task %s failed: %s", task_id, exc)
-            return
-        except Exception as exc:  # a bug must not end a night-long run; it is reported
-            summary.failed[task_id] = f"{type(exc).__name__}: {exc}"
-            logger.exception("Task %s failed", task_id)
+        except Exception as exc:  # this task's fault, or a bug: reported, and the run goes on
+            summary.failed[task_id] = failure_reason(task_id, exc)
             return
         if encoded:
             summary.encoded += 1
         else:
             summary.stored += 1
+
+
+def store_image(embeddings: EmbeddingTiers, identity: str, path: str, url: str, task_id) -> bool:
+    """Encode a task's fetched image into the store unless it is there; True if encoded now.
+
+    The single-machine run and the Ray actors (:mod:`.ray_pipeline`) both call
+    it, so an image gets the same entry either way.
+
+    Raises:
+        StoreError: the store cannot be written (every later image would fail too).
+        SamBackendError, OSError: this image cannot be read or encoded.
+    """
+    return embeddings.ensure_stored(identity, lambda: load_image(path, name=f"The image of task {task_id} ({url})"))
+
+
+def failure_reason(task_id, exc: Exception) -> str:
+    """Why a task's image could not be stored, for the summary (logged here, with a traceback for a bug)."""
+    if isinstance(exc, SamBackendError):
+        logger.warning("Task %s failed: %s", task_id, exc)
+        return str(exc)
+    if isinstance(exc, OSError):
+        logger.warning("Task %s failed: %s", task_id, exc)
+        return f"cannot read the fetched image: {exc}"
+    logger.error("Task %s failed", task_id, exc_info=exc)
+    return f"{type(exc).__name__}: {exc}"

@@ -95,7 +95,7 @@ def prompt_from_context(context: dict | None, config: LabelConfig, image_size: t
         # Percentages are relative, so they map onto the image as loaded even
         # if Label Studio measured it at another size.
         height, width = image_size
-        prompt.image_rotation = region.get("image_rotation", 0) or 0
+        prompt.image_rotation = _optional_number(region, "image_rotation", region)
         value = region.get("value")
         if not isinstance(value, dict):
             raise BadRequestError(f"Region {region.get('id', '?')} has no value object.")
@@ -217,7 +217,7 @@ def rectangle_to_box(value: dict, width: float, height: float, region: dict | No
             f"The rectangle {region.get('id', '')} has zero width or height ({w:g} x {h:g} px); "
             "drag a rectangle around the object."
         )
-    angle = math.radians(float(value.get("rotation") or 0))
+    angle = math.radians(_optional_number(value, "rotation", region, "value."))
     cos, sin = math.cos(angle), math.sin(angle)
     corners = [(x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
     xs, ys = [c[0] for c in corners], [c[1] for c in corners]
@@ -275,7 +275,7 @@ def _region_size(region: dict, image_size: tuple[int, int]) -> tuple[int, int]:
     height = region.get("original_height") or image_size[0]
     try:
         width, height = int(round(float(width))), int(round(float(height)))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: infinite
         raise BadRequestError(f"Region {region.get('id', '?')} has a non-numeric original size.") from None
     if width <= 0 or height <= 0:
         raise BadRequestError(f"Region {region.get('id', '?')} has original size {width}x{height}.")
@@ -289,6 +289,21 @@ def _number(value: dict, key: str, region: dict) -> float:
         raise BadRequestError(f"Region {region.get('id', '?')} has no numeric value.{key}.") from None
     if not math.isfinite(number):
         raise BadRequestError(f"Region {region.get('id', '?')} has a non-finite value.{key}.")
+    return number
+
+
+def _optional_number(value: dict, key: str, region: dict, prefix: str = "") -> float:
+    """``value[key]`` as a finite number (an int stays one), 0 when missing or null."""
+    if value.get(key) is None:
+        return 0
+    if type(value[key]) is int:
+        return value[key]
+    try:
+        number = float(value[key])
+    except (TypeError, ValueError):
+        raise BadRequestError(f"Region {region.get('id', '?')} has a non-numeric {prefix}{key}.") from None
+    if not math.isfinite(number):
+        raise BadRequestError(f"Region {region.get('id', '?')} has a non-finite {prefix}{key}.")
     return number
 
 

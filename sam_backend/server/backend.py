@@ -17,23 +17,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sam_backend import __version__
+from sam_backend.embeddings.encode_queue import EncodeSkipped, Priority
 from sam_backend.embeddings.fingerprints import image_identity
 from sam_backend.errors import BadRequestError, ImageError, LabelConfigError, ModelNotReadyError, SamBackendError
 from sam_backend.labelstudio.api import LabelStudioError, LabelStudioProject
 from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config
 from sam_backend.labelstudio.media import Credentials, MediaFetcher
-from sam_backend.labelstudio.regions import (
-    brush_label_for,
-    fit_mask,
-    mask_to_brush_region,
-    prompt_from_context,
-    prompts_from_task,
-)
+from sam_backend.labelstudio.output import OutputSettings, mask_to_regions
+from sam_backend.labelstudio.regions import fit_mask, prompt_from_context, prompts_from_task
 from sam_backend.sam.images import load_image
 from sam_backend.sam.presets import default_preset
 from sam_backend.server.jobs import Outcome, PredictionJobs
 from sam_backend.server.prelabel import PrelabelSettings, predict_task_masks
 from sam_backend.server.refinement import RefinementMemory, prompt_signature
+from sam_backend.server.shared_state import MemorySharedState, SharedRecords, SharedState
 
 if TYPE_CHECKING:
     from sam_backend.embeddings.store import EmbeddingStore
@@ -44,6 +41,9 @@ logger = logging.getLogger(__name__)
 #: Seconds a /predict without context may take (Label Studio waits 100 s);
 #: ``SAM_PREDICT_BUDGET`` overrides it.
 DEFAULT_PREDICT_BUDGET = 60.0
+#: Seconds a /predict that arrives while the model loads waits for it before answering 503
+#: (``SAM_LOAD_WAIT``): the first click after a restart is answered, well within Label Studio's 100 s.
+DEFAULT_LOAD_WAIT = 30.0
 
 
 class ModelHolder:
@@ -174,6 +174,9 @@ class SamBackend:
         holder: a :class:`ModelHolder` (made from ``preset`` if omitted).
         fetcher: a :class:`MediaFetcher`.
         credentials: Label Studio URL and token; default from the environment.
+        shared: where what ``/setup`` said and the refinement logits live, so
+            that every worker sees them (:func:`~sam_backend.server.shared_state.open_shared_state`,
+            as the app factory's server does); default this process's memory.
 
     Example:
         >>> backend = SamBackend(preset="sam_base_sa1b")  # doctest: +SKIP
@@ -187,13 +190,20 @@ class SamBackend:
         holder: ModelHolder | None = None,
         fetcher: MediaFetcher | None = None,
         credentials: Credentials | None = None,
+        shared: SharedState | None = None,
     ):
         self.preset = preset or (holder.preset if holder else default_preset())
         self.holder = holder or ModelHolder(self.preset)
         self.fetcher = fetcher or MediaFetcher()
         self.credentials = credentials if credentials is not None else Credentials.from_env()
-        self.projects: dict[str, ProjectSetup] = {}
-        self.refinements = RefinementMemory.from_env()
+        self.shared = shared if shared is not None else MemorySharedState()
+        # Read from the shared state at each use, never cached: a /setup may reach another worker.
+        self.projects: SharedRecords[ProjectSetup] = SharedRecords(self.shared.map("projects"), ProjectSetup)
+        self.refinements = RefinementMemory.from_env(self.shared)
+        self.load_wait = _env_seconds("SAM_LOAD_WAIT", DEFAULT_LOAD_WAIT)
+        # Requests waiting for the model hold gunicorn threads: half of them at most, so /health is answered
+        # (with one thread, none waits).
+        self._load_waiters = threading.BoundedSemaphore(max(0, _env_int("THREADS", 8) // 2))
         self.jobs = PredictionJobs()
         self._clients: dict[tuple, LabelStudioProject] = {}  # posting late predictions (the jobs' thread only)
         budget = os.environ.get("SAM_PREDICT_BUDGET")
@@ -228,9 +238,10 @@ class SamBackend:
         answer = {"model_version": self.model_version}
         if body.get("schema"):
             # Not an error: Label Studio connects models before the config is final.
+            # An output its config cannot take is reported now too; /predict refuses it.
             try:
-                parse_label_config(body["schema"])
-            except LabelConfigError as exc:
+                self.output_settings(project).kinds(parse_label_config(body["schema"]))
+            except (LabelConfigError, BadRequestError) as exc:
                 logger.warning("Project %s: %s", project, exc)
                 answer["warning"] = str(exc)
         return answer
@@ -270,11 +281,27 @@ class SamBackend:
             raise BadRequestError('params.context must be an object with a "result" list of regions.')
         if not context or not context.get("result"):
             return self._predict_without_context(tasks, config, project)
-        engine = self.holder.engine()
+        engine = self._engine()
         return [self._predict_task(engine, task, config, context, project) for task in tasks]
+
+    def _engine(self):
+        """The engine; a request that arrives while the model loads waits up to ``load_wait`` seconds for it.
+
+        Raises:
+            ModelNotReadyError: still loading after the wait (or too many
+                requests waiting already), or failed to load.
+        """
+        if self.holder.state == "loading" and self.load_wait > 0 and self._load_waiters.acquire(blocking=False):
+            try:
+                self.holder.wait(self.load_wait)
+            finally:
+                self._load_waiters.release()
+        return self.holder.engine()
 
     def _predict_task(self, engine, task: dict, config: LabelConfig, context: dict, project) -> dict:
         url, task_id = _image_url(task, config)
+        output = self.output_settings(project or task.get("project"))
+        output.kinds(config)  # a project asking for an output its config lacks fails before any compute
         image_key, embedding = self._keyed_embedding(url, task_id, project or task.get("project"))
         prompt = prompt_from_context(context, config, embedding.frame.original_size)
         if not prompt:
@@ -289,18 +316,19 @@ class SamBackend:
         )
         self.refinements.remember(image_key, signature, prediction.low_res_logits[0])
         mask = fit_mask(prediction.mask, prompt.original_width, prompt.original_height)
-        label = brush_label_for(prompt.label, config)
-        region = mask_to_brush_region(mask, label, prediction.score, config, prompt.image_rotation)
+        labels = output.labels_for(prompt.label, config)
+        regions = mask_to_regions(mask, labels, prediction.score, config, output.polygon, prompt.image_rotation)
         logger.info(
-            "Task %s: %d point(s), box=%s%s -> %s mask, %.1f%% of the image, IoU %.3f",
+            "Task %s: %d point(s), box=%s%s -> %s mask, %.1f%% of the image, IoU %.3f -> %d region(s) (%s)",
             task_id, len(prompt.points), prompt.box is not None, ", refined" if mask_input is not None else "",
-            label, 100 * mask.mean(), prediction.score,
+            next(iter(labels.values())), 100 * mask.mean(), prediction.score, len(regions), "+".join(labels),
         )
-        return self._prediction([region], prediction.score)
+        return self._prediction(regions, prediction.score)
 
-    def _embedding(self, url: str, task_id, project):
-        """Fetch the task's image and encode it, unless its embedding is cached."""
-        return self._keyed_embedding(url, task_id, project)[1]
+    def _embedding(self, url: str, task_id, project, priority: Priority = Priority.CLICK):
+        """Fetch the task's image and encode it (``priority`` among queued encodes), unless its embedding is cached."""
+        key, loader = self._image_source(url, task_id, project)
+        return self.holder.embeddings().embedding_for(key, loader, priority=priority)
 
     def _keyed_embedding(self, url: str, task_id, project):
         """``(image key, embedding)`` of the task's image (fetched; encoded unless cached or stored)."""
@@ -319,6 +347,11 @@ class SamBackend:
         return prediction
 
     # ------------------------------------------------------------ pre-labeling
+
+    def output_settings(self, project) -> OutputSettings:
+        """What a click's mask becomes (brush, polygons): the environment, then the project's ``extra_params``."""
+        setup = self.projects.get(_project_id(project))
+        return OutputSettings.from_sources(os.environ, setup.extra_params if setup else None)
 
     def prelabel_settings(self, project) -> PrelabelSettings:
         """The environment's pre-labeling settings, overridden by the project's ``extra_params``."""
@@ -340,7 +373,8 @@ class SamBackend:
             if single:
                 self._start_warmup(tasks[0], config, project)
             return [self._prediction([], None) for _ in tasks]
-        engine = self.holder.engine()
+        settings.output.kinds(config)  # an output the config cannot take is one error, not one per task
+        engine = self._engine()
         items, outcomes = [], []
         for task, has_prompts in zip(tasks, own):
             try:
@@ -391,7 +425,8 @@ class SamBackend:
         self.holder.embeddings().embeddings_for_many(items)
 
     def _prelabel_task(self, engine, task: dict, url: str, config: LabelConfig, settings: PrelabelSettings, project) -> dict:
-        embedding = self._embedding(url, task.get("id"), project or task.get("project"))
+        # Behind clicks and warm-ups in the encode queue: nobody is waiting at a click for it.
+        embedding = self._embedding(url, task.get("id"), project or task.get("project"), Priority.BACKGROUND)
         found = predict_task_masks(engine, embedding, task, config, settings)
         logger.info("Task %s: %d mask(s) from %s", task.get("id"), len(found.regions), found.source)
         return self._prediction(found.regions, found.score)
@@ -412,7 +447,12 @@ class SamBackend:
         logger.info("Task %s: prediction posted to Label Studio after the request's budget", task_id)
 
     def _start_warmup(self, task, config: LabelConfig, project) -> None:
-        """Encode the task's image in the background (best effort) so the first click is fast."""
+        """Encode the task's image in the background (best effort) so the first click is fast.
+
+        Warm-ups wait behind clicks in the encode queue, and are dropped once
+        older than ``SAM_WARMUP_MAX_AGE`` (their annotator has clicked, which
+        encodes the image, or moved on), here before the fetch or in the queue.
+        """
         if self.holder.state != "ready" or not isinstance(task, dict):
             return
         try:
@@ -420,9 +460,14 @@ class SamBackend:
         except BadRequestError:
             return
 
+        asked = time.monotonic()
+
         def warm():
             try:
-                self._embedding(url, task_id, project or task.get("project"))
+                waited = time.monotonic() - asked
+                if waited > self.holder.embeddings().queue.max_warmup_age:
+                    raise EncodeSkipped(f"it waited {waited:.0f}s behind other warm-ups")
+                self._embedding(url, task_id, project or task.get("project"), Priority.WARMUP)
             except SamBackendError as exc:
                 logger.info("Warm-up of task %s skipped: %s", task_id, exc)
             except Exception:
@@ -440,11 +485,19 @@ def _has_own_prompts(task: dict, config: LabelConfig) -> bool:
 
 
 def _warm_up(engine) -> None:
-    """Pay the one-time costs of a click (imports, torch's first calls) at load, not at the first click."""
+    """Pay the model's one-time costs at load, while ``/health`` still says ``loading``, not at the first click.
+
+    The imports a click needs, then :meth:`SamEngine.warm_up
+    <sam_backend.sam.engine.SamEngine.warm_up>`: the image encoder's first
+    call (seconds on a CPU), a decode of each prompt kind, and the check of
+    the torch click decoder against keras-hub's layers. None of it counts as
+    an encode or a click in the metrics.
+    """
     started = time.perf_counter()
     try:
         import label_studio_sdk.converter.brush  # noqa: F401  (the RLE of every mask)
         import label_studio_sdk.label_interface  # noqa: F401  (label config parsing)
+        import cv2  # noqa: F401  (polygon outlines: 0.3 s to import)
 
         warm_up = getattr(engine, "warm_up", None)
         if warm_up is not None:
@@ -452,6 +505,25 @@ def _warm_up(engine) -> None:
     except Exception:  # a failed warm-up costs the first click some time, nothing more
         logger.exception("Warm-up after loading failed")
     logger.info("Warmed up in %.2fs", time.perf_counter() - started)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment; a malformed one is logged and replaced by ``default``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        logger.warning("%s must be a number of seconds; got %r, using %g.", name, value, default)
+        return default
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "").strip() or default)
+    except ValueError:
+        return default
 
 
 def _project_id(project) -> str:

@@ -123,3 +123,31 @@ def test_retrieve_predictions_past_the_budget_are_posted_later(label_studio, ima
         assert "posted to Label Studio after the request's budget" in log.read_text()
     finally:
         served.stop()
+
+
+def test_preannotate_on_ray_fills_a_project(label_studio, backend, images, tmp_path, monkeypatch):
+    """``preannotate --ray``: a local Ray instance (2 CPUs, a small object store), the model in its actors."""
+    project = make_project(label_studio, backend, "sam-backend e2e: preannotate --ray", images)
+    boxed = sorted(images)[:2]
+    import_detector_boxes(label_studio, project, boxed)
+    version = backend.health()["model_version"]
+    monkeypatch.setenv("RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES", str(300 * 1024 * 1024))  # shared CI machine
+
+    first = run_preannotate(label_studio, tmp_path, project, "--ray", "--ray-actors", "2")
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert "on Ray (local, 2 actor(s))" in first.stderr, first.stderr
+    assert f"{len(images)} task(s) got a prediction" in first.stdout, first.stdout
+    predictions = ours(label_studio, project, version)
+    for name, image in images.items():
+        (prediction,) = predictions[project.tasks[name]["id"]]
+        masks = masks_of(prediction)
+        assert masks and all(m.shape == image.size for m in masks), name
+        best = max(iou(m, image.disc) for m in masks)
+        assert best > 0.6, f"{name} ({'box' if name in boxed else 'auto'}): best IoU {best:.2f} with the disc"
+        if name in boxed:
+            assert len(masks) == 1
+
+    ids = {task: [p["id"] for p in v] for task, v in predictions.items()}
+    second = run_preannotate(label_studio, tmp_path, project, "--ray")
+    assert second.returncode == 0 and f"{len(images)} task(s) skipped" in second.stdout, second.stderr + second.stdout
+    assert {task: [p["id"] for p in v] for task, v in ours(label_studio, project, version).items()} == ids
