@@ -88,7 +88,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers = workers
         self.log_path = log
-        env = dict(os.environ, LOG_LEVEL="INFO", MODEL_DIR=str(cache_dir.parent))
+        # The benchmark's media server is on loopback, which the backend refuses unless allowed.
+        env = dict(os.environ, LOG_LEVEL="INFO", MODEL_DIR=str(cache_dir.parent), SAM_MEDIA_ALLOWED_HOSTS="127.0.0.1")
         if device:
             env["SAM_DEVICE"] = device
         self.log = open(log, "w")

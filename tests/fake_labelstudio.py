@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from pathlib import Path
 
 from flask import Flask, abort, jsonify, request, send_from_directory
@@ -23,21 +24,28 @@ class FakeLabelStudio:
     Attributes:
         tasks: ``{project: [task, ...]}``; each task's ``predictions`` grow as they are posted.
         fail_imports: the next N prediction imports answer 503 (the SDK retries them).
+        hang_imports: seconds a prediction import hangs before it answers 504 without importing
+            (Label Studio stuck; a client with a shorter timeout gives up first).
         requests: ``(method, path)`` of every request.
+        times: when each of ``requests`` came (``time.monotonic()``).
     """
 
     def __init__(self, files: Path, token: str = "ls-token", label_config: str = ""):
         self.files, self.token, self.label_config = Path(files), token, label_config
         self.tasks: dict[int, list[dict]] = {}
         self.fail_imports = 0
+        self.hang_imports = 0.0
         self.requests: list[tuple[str, str]] = []
+        self.times: list[float] = []
         self._ids = itertools.count(1000)
         self._lock = threading.Lock()
         app = Flask("fake_labelstudio")
 
         @app.before_request
         def check_token():
-            self.requests.append((request.method, request.path))
+            with self._lock:  # the two lists stay in step
+                self.times.append(time.monotonic())
+                self.requests.append((request.method, request.path))
             if request.headers.get("Authorization") != f"Token {self.token}":
                 return jsonify(detail="Authentication credentials were not provided."), 401
             return None
@@ -63,6 +71,9 @@ class FakeLabelStudio:
 
         @app.post("/api/projects/<int:project>/import/predictions")
         def import_predictions(project):
+            if self.hang_imports:
+                time.sleep(self.hang_imports)
+                return jsonify(detail="stuck"), 504
             with self._lock:
                 if self.fail_imports > 0:
                     self.fail_imports -= 1

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for Redis per command; an unreachable Redis costs a click this much once, then an encode.
 SOCKET_TIMEOUT = 5.0
+#: After a failure, Redis is left alone this long (lookups are misses, writes
+#: are skipped): a Redis that hangs must cost one timeout, not one per command
+#: of every click. Then the next command tries it again.
+RETRY_SECONDS = 30.0
 
 
 def _redacted(url: str) -> str:
@@ -47,7 +51,9 @@ class RedisStore:
       its owner), so hosts asked for the same new image encode it once; the
       expiry frees it if its holder dies.
     - Redis failures are logged (once a minute) and count as misses: the
-      backend encodes, it never fails a click because of the store.
+      backend encodes, it never fails a click because of the store. After a
+      failure Redis is not asked for ``RETRY_SECONDS``, so a hung Redis costs
+      one ``SOCKET_TIMEOUT``, not one per command.
 
     Args:
         client: a ``redis.Redis``.
@@ -67,6 +73,7 @@ class RedisStore:
         self.location = location
         self.prefix = f"sam:v{FORMAT_VERSION}:"
         self._last_warning = 0.0
+        self._retry_at = 0.0  # monotonic time before which Redis is not asked (after a failure)
 
     @classmethod
     def from_url(cls, url: str) -> "RedisStore":
@@ -94,13 +101,21 @@ class RedisStore:
 
     def _failed(self, what: str, exc: Exception) -> None:
         now = time.monotonic()
+        self._retry_at = now + RETRY_SECONDS
         if now - self._last_warning > 60:
             self._last_warning = now
-            logger.warning("Redis at %s failed to %s (%s); encoding instead.", self.location, what, exc)
+            logger.warning("Redis at %s failed to %s (%s); encoding instead, and trying Redis again in %.0fs.",
+                           self.location, what, exc, RETRY_SECONDS)
+
+    def _resting(self) -> bool:
+        """Whether Redis failed recently, so that commands are skipped for now."""
+        return time.monotonic() < self._retry_at
 
     def get(self, key: str) -> StoredEmbedding | None:
         import redis
 
+        if self._resting():
+            return None
         try:
             data = self.client.get(self._key(key))
         except redis.RedisError as exc:
@@ -118,6 +133,8 @@ class RedisStore:
     def put(self, key: str, entry: StoredEmbedding) -> bool:
         import redis
 
+        if self._resting():
+            return False
         try:
             self.client.set(self._key(key), encode_entry(entry))
             return True
@@ -128,14 +145,22 @@ class RedisStore:
     def discard(self, key: str) -> None:
         import redis
 
-        with contextlib.suppress(redis.RedisError):
+        if self._resting():
+            return
+        try:
             self.client.delete(self._key(key))
+        except redis.RedisError as exc:
+            self._failed("delete", exc)
 
     def touch(self, key: str) -> None:
         import redis
 
-        with contextlib.suppress(redis.RedisError):
+        if self._resting():
+            return
+        try:
             self.client.touch(self._key(key))  # resets the idle time that allkeys-lru evicts by
+        except redis.RedisError as exc:
+            self._failed("touch", exc)
 
     @contextlib.contextmanager
     def lock(self, key: str, timeout: float = LOCK_TIMEOUT_SECONDS):
@@ -144,14 +169,15 @@ class RedisStore:
 
         lock = self.client.lock(self.prefix + "lock:" + key, timeout=timeout, sleep=0.05,
                                 blocking_timeout=timeout, thread_local=False)
-        try:
-            acquired = lock.acquire()
-        except redis.RedisError as exc:
-            self._failed("lock", exc)
-            acquired = False
-        else:
-            if not acquired:
-                logger.warning("Waited %.0fs for another worker to encode %s; encoding it here.", timeout, key)
+        acquired = False  # while Redis rests, encoding goes on without its lock
+        if not self._resting():
+            try:
+                acquired = lock.acquire()
+            except redis.RedisError as exc:
+                self._failed("lock", exc)
+            else:
+                if not acquired:
+                    logger.warning("Waited %.0fs for another worker to encode %s; encoding it here.", timeout, key)
         try:
             yield
         finally:

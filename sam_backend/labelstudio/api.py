@@ -141,8 +141,11 @@ class LabelStudioProject:
         """Upload predictions (``task``, ``result``, ``score``, ``model_version``) in one request."""
         if not predictions:
             return 0
+        tasks = [str(p.get("task")) for p in predictions]
+        # Errors name the tasks: a late prediction that fails is logged with this message.
+        named = ", ".join(tasks[:20]) + (f" and {len(tasks) - 20} more" if len(tasks) > 20 else "")
         self._call(
-            f"upload {len(predictions)} prediction(s)",
+            f"upload {len(predictions)} prediction(s) (task(s) {named})",
             self.client.projects.import_predictions,
             id=self.project,
             request=predictions,
