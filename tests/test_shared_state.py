@@ -192,3 +192,29 @@ def test_the_state_is_in_redis_when_the_store_is(redis_url, monkeypatch):
 
     keys = redis.Redis.from_url(redis_url).keys("sam:shared:projects:*")
     assert len(keys) == 2  # the entry and the map's index; none under the embedding store's prefix
+
+
+def test_a_failed_redis_is_rested_not_asked_on_every_click(caplog):
+    """A hung Redis costs one timeout, then the maps leave it alone for a while."""
+    import logging
+
+    class Down:
+        calls = 0
+
+        def mget(self, names):
+            Down.calls += 1
+            raise ConnectionError("timed out")
+
+        def pipeline(self, transaction=False):
+            Down.calls += 1
+            raise ConnectionError("timed out")
+
+    state = RedisSharedState(Down(), "redis://nowhere")
+    refine, setups = state.map("refine", ttl=300), state.map("setups")
+    with caplog.at_level(logging.WARNING):
+        assert refine.get("a") is None
+    assert Down.calls == 1 and "tries Redis again" in caplog.text
+    refine.put("a", b"x")
+    setups.put("p", b"{}")
+    assert setups.get("p") is None and refine.get_many(["a", "b"]) == [None, None]
+    assert Down.calls == 1  # every map shares the rest: no second timeout

@@ -325,7 +325,9 @@ class RedisSharedState(SharedState):
     Entries with a time to live are ``SET`` with ``PX``; a sorted set per map
     (``sam:shared:<map>:index``) orders entries by write time so that the
     oldest past ``max_entries`` are deleted. Redis failures are logged once a
-    minute and count as misses.
+    minute and count as misses; after one, Redis is left alone for the
+    embedding store's ``RETRY_SECONDS``, so that a hung Redis costs a click one
+    socket timeout, not one per command.
 
     Args:
         client: a ``redis.Redis``.
@@ -343,6 +345,7 @@ class RedisSharedState(SharedState):
     def __init__(self, client, location: str):
         self.client = client
         self.location = location
+        self._rest = _Rest()  # shared by the maps: one client, one Redis
 
     @classmethod
     def from_url(cls, url: str) -> "RedisSharedState":
@@ -357,15 +360,32 @@ class RedisSharedState(SharedState):
         return cls(store.client, store.location)
 
     def map(self, name, ttl=None, max_entries=DEFAULT_MAX_ENTRIES, clock=None) -> SharedMap:
-        return _RedisMap(self.client, f"{self.prefix}{name}:", self.location, ttl, max_entries)
+        return _RedisMap(self.client, f"{self.prefix}{name}:", self.location, ttl, max_entries, self._rest)
+
+
+class _Rest:
+    """When Redis failed last: until ``RETRY_SECONDS`` later it is not asked (reads miss, writes are skipped)."""
+
+    def __init__(self):
+        self.until = 0.0
+
+    def resting(self) -> bool:
+        return time.monotonic() < self.until
+
+    def failed(self) -> None:
+        from sam_backend.embeddings.redis_store import RETRY_SECONDS
+
+        self.until = time.monotonic() + RETRY_SECONDS
 
 
 class _RedisMap(SharedMap):
-    def __init__(self, client, prefix: str, location: str, ttl: float | None, max_entries: int):
+    def __init__(self, client, prefix: str, location: str, ttl: float | None, max_entries: int,
+                 rest: _Rest | None = None):
         self.client, self.prefix, self.location = client, prefix, location
         self.ttl, self.max_entries = ttl, max_entries
         self.index = prefix + "index"
         self._last_warning = 0.0
+        self._rest = rest or _Rest()
 
     def _key(self, key: str) -> str:
         return self.prefix + _digest(key)
@@ -375,8 +395,8 @@ class _RedisMap(SharedMap):
 
     def get_many(self, keys):
         names = [self._key(key) for key in keys]
-        if not names:
-            return []
+        if not names or self._rest.resting():
+            return [None] * len(names)
         try:
             return list(self.client.mget(names))
         except Exception as exc:  # redis.RedisError, without importing redis here
@@ -384,6 +404,8 @@ class _RedisMap(SharedMap):
             return [None] * len(names)
 
     def put(self, key, value):
+        if self._rest.resting():
+            return
         name = self._key(key)
         now = time.time()
         try:
@@ -404,6 +426,8 @@ class _RedisMap(SharedMap):
             self._warn("write", exc)
 
     def delete(self, key):
+        if self._rest.resting():
+            return
         name = self._key(key)
         try:
             self.client.pipeline(transaction=False).delete(name).zrem(self.index, name).execute()
@@ -411,6 +435,8 @@ class _RedisMap(SharedMap):
             self._warn("delete", exc)
 
     def __len__(self):
+        if self._rest.resting():
+            return 0
         try:
             if self.ttl is not None:
                 self.client.zremrangebyscore(self.index, "-inf", time.time() - self.ttl)
@@ -420,11 +446,12 @@ class _RedisMap(SharedMap):
             return 0
 
     def _warn(self, what: str, exc: Exception) -> None:
+        self._rest.failed()
         now = time.monotonic()
         if now - self._last_warning > _WARNING_INTERVAL:
             self._last_warning = now
-            logger.warning("Redis at %s failed to %s shared state (%s); this worker goes on without it.",
-                           self.location, what, exc)
+            logger.warning("Redis at %s failed to %s shared state (%s); this worker goes on without it "
+                           "and tries Redis again in a while.", self.location, what, exc)
 
 
 # ------------------------------------------------------------------ records
