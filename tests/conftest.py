@@ -99,3 +99,18 @@ def click_at_once(workers, image, clicks: int, key: str = "img-1") -> None:
         thread.start()
     for thread in threads:
         thread.join(60)
+
+
+@pytest.fixture()
+def redis_url(tmp_path):
+    """A real redis-server on loopback for one test (Debian's, which .ci/run installs); skipped without one."""
+    import shutil
+
+    pytest.importorskip("redis", reason="the redis client is installed with sam-backend[test]")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    from test_redis_store import RedisServer
+
+    server = RedisServer(tmp_path)
+    yield server.url
+    server.stop()

@@ -403,7 +403,7 @@ def test_labels_follow_the_clicked_label_per_control(caplog):
     assert both.labels_for("Cat", BOTH) == {"brush": "Cat", "polygon": "Cat"}
     with caplog.at_level(logging.INFO, "sam_backend"):
         assert both.labels_for("Zebra", BOTH) == {"brush": "Dog", "polygon": "Zebra"}
-    assert "brush control 'brush' has no label 'Zebra'" in caplog.text
+    assert "control 'brush' has no label 'Zebra'" in caplog.text
     assert OutputSettings().labels_for(None, POLYGON_ONLY) == {"polygon": "Cat"}
     assert polygon_label_for("Dog", POLYGON_ONLY) == "Cat"
 

@@ -53,13 +53,6 @@ class RedisServer:
         self.process.wait(10)
 
 
-@pytest.fixture()
-def redis_url(tmp_path):
-    server = RedisServer(tmp_path)
-    yield server.url
-    server.stop()
-
-
 def engine_on(url, model):
     return EmbeddingTiers(SamEngine(model, preset="tiny"), store=open_store(url=url, required=True))
 

@@ -100,18 +100,6 @@ def served(request, tiny_preset_dir, tmp_path):
         process.wait(30)
 
 
-@pytest.fixture()
-def redis_url(tmp_path):
-    pytest.importorskip("redis", reason="the redis client is installed with sam-backend[test]")
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    from test_redis_store import RedisServer
-
-    server = RedisServer(tmp_path)
-    yield server.url
-    server.stop()
-
-
 def metric(text, name):
     (row,) = [row for row in text.splitlines() if row.startswith(name + " ")]
     return float(row.split()[-1])

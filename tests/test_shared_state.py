@@ -2,7 +2,6 @@
 
 import logging
 import os
-import shutil
 import stat
 import time
 
@@ -19,18 +18,6 @@ from sam_backend.server.shared_state import (
     open_shared_state,
 )
 from test_server import LABEL_CONFIG, fixture
-
-
-@pytest.fixture()
-def redis_url(tmp_path):
-    pytest.importorskip("redis", reason="the redis client is installed with sam-backend[test]")
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    from test_redis_store import RedisServer
-
-    server = RedisServer(tmp_path)
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(params=["disk", "redis"])

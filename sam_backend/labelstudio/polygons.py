@@ -31,6 +31,7 @@ import numpy as np
 
 from sam_backend.errors import BadRequestError
 from sam_backend.labelstudio.labelconfig import LabelConfig
+from sam_backend.labelstudio.regions import control_label_for
 
 logger = logging.getLogger(__name__)
 
@@ -180,14 +181,7 @@ def percent_to_polygon(points, width: int, height: int) -> np.ndarray:
 
 def polygon_label_for(label: str | None, config: LabelConfig) -> str:
     """The polygon label for a mask: the clicked region's label when the polygon control has it, else its first."""
-    if label in config.polygon_labels:
-        return label
-    fallback = config.polygon_labels[0]
-    if label is not None:
-        logger.info(
-            "The polygon control %r has no label %r; the polygon gets %r instead.", config.polygon_name, label, fallback
-        )
-    return fallback
+    return control_label_for(label, config.polygon_labels, config.polygon_name)
 
 
 def mask_to_polygon_regions(

@@ -224,16 +224,18 @@ def rectangle_to_box(value: dict, width: float, height: float, region: dict | No
     return [min(xs), min(ys), max(xs), max(ys)]
 
 
+def control_label_for(label: str | None, labels: tuple[str, ...], control: str) -> str:
+    """The label of an output control for a mask: the clicked region's when the control has it, else its first."""
+    if label in labels:
+        return label
+    if label is not None:
+        logger.info("The control %r has no label %r; the mask gets %r instead.", control, label, labels[0])
+    return labels[0]
+
+
 def brush_label_for(label: str | None, config: LabelConfig) -> str:
     """The brush label for a mask: the clicked region's label when the brush has it, else the first."""
-    if label in config.brush_labels:
-        return label
-    fallback = config.brush_labels[0]
-    if label is not None:
-        logger.info(
-            "The brush control %r has no label %r; the mask gets %r instead.", config.brush_name, label, fallback
-        )
-    return fallback
+    return control_label_for(label, config.brush_labels, config.brush_name)
 
 
 def mask_to_brush_region(
