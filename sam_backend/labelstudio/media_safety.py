@@ -44,6 +44,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import create_connection
 
+from sam_backend.env import env_number
 from sam_backend.errors import MediaRefusedError, MediaTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -297,14 +298,7 @@ def _parse_allowed(entry: str) -> tuple[str | IPNetwork, int | None] | None:
 
 def max_download_bytes(environ: Mapping[str, str] | None = None) -> int:
     """``SAM_MAX_DOWNLOAD_MB`` in bytes (default 100 MB)."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get("SAM_MAX_DOWNLOAD_MB")
-    try:
-        megabytes = float(raw) if raw else DEFAULT_MAX_DOWNLOAD_MB
-    except ValueError:
-        logger.warning("SAM_MAX_DOWNLOAD_MB=%r is not a number; using %g.", raw, DEFAULT_MAX_DOWNLOAD_MB)
-        megabytes = DEFAULT_MAX_DOWNLOAD_MB
-    return int(megabytes * 1024 * 1024)
+    return int(env_number("SAM_MAX_DOWNLOAD_MB", DEFAULT_MAX_DOWNLOAD_MB, environ) * 1024 * 1024)
 
 
 # ------------------------------------------------------------ checked connections

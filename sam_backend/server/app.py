@@ -16,6 +16,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from sam_backend import __version__
+from sam_backend.env import env_number
 from sam_backend.server.backend import SamBackend
 from sam_backend.errors import (
     BadRequestError,
@@ -53,13 +54,7 @@ DEFAULT_MAX_REQUEST_MB = 50.0
 
 def max_request_bytes() -> int:
     """``SAM_MAX_REQUEST_MB`` in bytes (default 50 MB)."""
-    raw = os.environ.get("SAM_MAX_REQUEST_MB")
-    try:
-        megabytes = float(raw) if raw else DEFAULT_MAX_REQUEST_MB
-    except ValueError:
-        logger.warning("SAM_MAX_REQUEST_MB=%r is not a number; using %g.", raw, DEFAULT_MAX_REQUEST_MB)
-        megabytes = DEFAULT_MAX_REQUEST_MB
-    return int(megabytes * 1024 * 1024)
+    return int(env_number("SAM_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB) * 1024 * 1024)
 
 
 def status_for(error: SamBackendError) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sam_backend import __version__
+from sam_backend.env import env_number
 from sam_backend.embeddings.encode_queue import EncodeSkipped, Priority
 from sam_backend.embeddings.fingerprints import image_identity
 from sam_backend.errors import BadRequestError, ImageError, LabelConfigError, ModelNotReadyError, SamBackendError
@@ -203,7 +204,7 @@ class SamBackend:
         # Read from the shared state at each use, never cached: a /setup may reach another worker.
         self.projects: SharedRecords[ProjectSetup] = SharedRecords(self.shared.map("projects"), ProjectSetup)
         self.refinements = RefinementMemory.from_env(self.shared)
-        self.load_wait = _env_seconds("SAM_LOAD_WAIT", DEFAULT_LOAD_WAIT)
+        self.load_wait = max(0.0, env_number("SAM_LOAD_WAIT", DEFAULT_LOAD_WAIT))
         # Requests waiting for the model hold gunicorn threads: half of them at most, so /health is answered
         # (with one thread, none waits).
         self._load_waiters = threading.BoundedSemaphore(max(0, _env_int("THREADS", 8) // 2))
@@ -525,18 +526,6 @@ def _warm_up(engine) -> None:
     except Exception:  # a failed warm-up costs the first click some time, nothing more
         logger.exception("Warm-up after loading failed")
     logger.info("Warmed up in %.2fs", time.perf_counter() - started)
-
-
-def _env_seconds(name: str, default: float) -> float:
-    """A number of seconds from the environment; a malformed one is logged and replaced by ``default``."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        logger.warning("%s must be a number of seconds; got %r, using %g.", name, value, default)
-        return default
 
 
 def _env_int(name: str, default: int) -> int:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from sam_backend.env import env_number
 from sam_backend.server.shared_state import MemorySharedState, SharedState
 
 logger = logging.getLogger(__name__)
@@ -90,14 +90,7 @@ class RefinementMemory:
     @classmethod
     def from_env(cls, shared: SharedState | None = None) -> "RefinementMemory":
         """With ``SAM_REFINE_SECONDS`` as the time to live (default 300; 0: off), in ``shared``."""
-        value = os.environ.get("SAM_REFINE_SECONDS")
-        try:
-            ttl = float(value) if value else DEFAULT_TTL_SECONDS
-        except ValueError:
-            # A typo in an optional setting should not keep the server from starting.
-            logger.warning("SAM_REFINE_SECONDS must be a number of seconds; got %r, using %g.", value, DEFAULT_TTL_SECONDS)
-            ttl = DEFAULT_TTL_SECONDS
-        return cls(ttl_seconds=ttl, shared=shared)
+        return cls(ttl_seconds=env_number("SAM_REFINE_SECONDS", DEFAULT_TTL_SECONDS), shared=shared)
 
     @property
     def enabled(self) -> bool:

@@ -56,6 +56,18 @@ def test_retrieve_predictions_turns_a_detectors_boxes_into_masks(label_studio, b
         assert iou(mask, image.disc) > 0.6, f"{name}: IoU {iou(mask, image.disc):.2f} with the boxed disc"
 
 
+def check_one_mask_prediction_each(predictions, project, images, boxed) -> None:
+    """Exactly one prediction per task (nothing duplicated), whose masks find the task's disc."""
+    for name, image in images.items():
+        (prediction,) = predictions[project.tasks[name]["id"]]
+        masks = masks_of(prediction)
+        assert masks and all(m.shape == image.size for m in masks), name
+        best = max(iou(m, image.disc) for m in masks)
+        assert best > 0.6, f"{name} ({'box' if name in boxed else 'auto'}): best IoU {best:.2f} with the disc"
+        if name in boxed:
+            assert len(masks) == 1  # a detector's box gives one mask
+
+
 def run_preannotate(label_studio, tmp_path, project, *extra) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAM_", "LABEL_STUDIO_"))}
     env.update(DEMO_AUTO, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.personal_token,
@@ -82,14 +94,7 @@ def test_preannotate_a_whole_project_and_resume_without_duplicates(label_studio,
     assert f"{len(images) - 3} task(s) got a prediction" in second.stdout, second.stdout
     assert "3 task(s) skipped" in second.stdout, second.stdout
     predictions = ours(label_studio, project, version)
-    for name, image in images.items():
-        (prediction,) = predictions[project.tasks[name]["id"]]  # exactly one each: nothing duplicated
-        masks = masks_of(prediction)
-        assert masks and all(m.shape == image.size for m in masks), name
-        best = max(iou(m, image.disc) for m in masks)
-        assert best > 0.6, f"{name} ({'box' if name in boxed else 'auto'}): best IoU {best:.2f} with the disc"
-        if name in boxed:
-            assert len(masks) == 1
+    check_one_mask_prediction_each(predictions, project, images, boxed)
 
     ids = {task: [p["id"] for p in v] for task, v in predictions.items()}
     third = run_preannotate(label_studio, tmp_path, project)
@@ -138,14 +143,7 @@ def test_preannotate_on_ray_fills_a_project(label_studio, backend, images, tmp_p
     assert "on Ray (local, 2 actor(s))" in first.stderr, first.stderr
     assert f"{len(images)} task(s) got a prediction" in first.stdout, first.stdout
     predictions = ours(label_studio, project, version)
-    for name, image in images.items():
-        (prediction,) = predictions[project.tasks[name]["id"]]
-        masks = masks_of(prediction)
-        assert masks and all(m.shape == image.size for m in masks), name
-        best = max(iou(m, image.disc) for m in masks)
-        assert best > 0.6, f"{name} ({'box' if name in boxed else 'auto'}): best IoU {best:.2f} with the disc"
-        if name in boxed:
-            assert len(masks) == 1
+    check_one_mask_prediction_each(predictions, project, images, boxed)
 
     ids = {task: [p["id"] for p in v] for task, v in predictions.items()}
     second = run_preannotate(label_studio, tmp_path, project, "--ray")
