@@ -82,7 +82,7 @@ def _fused_on_by_default(monkeypatch):
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "row-by-row"])
 def test_fused_backbone_matches_keras_hub(monkeypatch, count_fused, chunk_bytes):
-    if chunk_bytes is not None:  # the bias built one query row at a time, as for a large image
+    if chunk_bytes is not None:  # the bias built one query row of one head at a time, as for a large image
         monkeypatch.setattr(attention, "_CPU_BIAS_CHUNK_BYTES", chunk_bytes)
     model = small_vitdet()
     x = images()
@@ -92,8 +92,9 @@ def test_fused_backbone_matches_keras_hub(monkeypatch, count_fused, chunk_bytes)
     got = run(model, x)
 
     assert count_fused["fused"] == 3  # one per block: the patched path is the one that ran
-    # One kernel call per block, or one per query row: two 3x3-window blocks and a 7x7 global one.
-    assert count_fused["sdpa"] == (3 if chunk_bytes is None else 3 + 7 + 3)
+    # One kernel call per block, or one per query row of each head of each batch item: two blocks
+    # of 2 x 9 3x3 windows (3 rows) and a 7x7 global one, 2 heads.
+    assert count_fused["sdpa"] == (3 if chunk_bytes is None else 2 * (18 * 2 * 3) + 2 * 2 * 7)
     assert float((got - expected).abs().max()) <= TOLERANCE
     assert float(expected.abs().max()) > 0.1  # not trivially equal
 

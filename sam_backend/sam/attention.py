@@ -13,9 +13,9 @@ attention time moving those tensors through memory.
 relative-position bias as its additive mask: one fused kernel (scores, bias,
 softmax and the product with ``v`` blockwise, never the whole score matrix)
 instead of matmul + bias + softmax + matmul. The bias itself is built for a
-block of query rows at a time (at most 256 MiB on a CPU: one kernel call per
-windowed block, four per ViT-B global block), so the 800 MB intermediates are
-gone.
+block of query rows, heads and windows at a time (at most 16 MiB on a CPU:
+three kernel calls per ViT-B windowed block, 48 per global block), so the
+800 MB intermediates are gone and each bias is read while still in cache.
 
 Nothing else changes: the weights are keras-hub's own variables, read at each
 call (so training updates them as usual), and presets load and save exactly as
@@ -50,12 +50,14 @@ KNOWN_SOURCE_FINGERPRINTS = frozenset({
     "faba7afbd5f8ee1f2c1a212ca224efbebcf990a65d55129de5b6f12b819972f2",
 })
 
-#: Upper bound on the bytes of relative-position bias built at once. Query rows
-#: are processed in chunks so that the bias of a global block (800 MB at ViT-B,
-#: 1024 px, batch 1; more with a batch) never exists whole. Much smaller chunks
-#: were no faster on a CPU (more, smaller kernel calls); 256 MiB splits a ViT-B
-#: global block in four.
-_CPU_BIAS_CHUNK_BYTES = 256 << 20
+#: Upper bound on the bytes of relative-position bias built at once. Query rows,
+#: heads and batch items (windows) are processed in chunks so that the bias of
+#: a global block (800 MB at ViT-B, 1024 px, batch 1) never exists whole, and
+#: each chunk is still in cache when the kernel reads it. On a 2-core Xeon
+#: (2 MiB L2 per core) 12-17 MiB chunks made a ViT-B global block 15-20 %
+#: faster than 50-256 MiB ones, and windowed blocks (1.8 MiB per window) too;
+#: 1-4 MiB chunks were slower again (more, smaller kernel calls).
+_CPU_BIAS_CHUNK_BYTES = 16 << 20
 _ACCELERATOR_BIAS_CHUNK_BYTES = 1 << 30
 
 # Marks a patched layer (the original ``call`` stays the class's).
@@ -257,7 +259,7 @@ def _fusable(layer, x, torch) -> bool:
 
 
 def _fused_forward(layer, x):
-    """keras-hub's attention math with one SDPA call per chunk of query rows.
+    """keras-hub's attention math with one SDPA call per chunk of the bias.
 
     Same as ``MultiHeadAttentionWithRelativePE.call``: scores ``(q * scale) @ k^T``
     plus ``rel_h[..., :, None] + rel_w[..., None, :]`` where ``rel_h``/``rel_w``
@@ -266,45 +268,72 @@ def _fused_forward(layer, x):
     blocks partition the image before calling the layer, so each window is a
     batch item here, as in keras-hub.
     """
-    import torch
-    import torch.nn.functional as F
-
     batch, height, width, channels = x.shape
-    heads, key_dim = layer.num_heads, layer.key_dim
-    tokens = height * width
-    # (B, HW, 3, heads, d) -> 3 x (B, heads, HW, d), keras-hub's order of the qkv columns.
-    qkv = layer.qkv(x).reshape(batch, tokens, 3, heads, key_dim).permute(2, 0, 3, 1, 4)
-    queries, keys, values = qkv.unbind(0)
-
-    if not layer.use_rel_pos:
-        out = F.scaled_dot_product_attention(queries, keys, values, scale=layer.scale)
-    else:
-        rel = layer.add_decomposed_relative_pe
-        table_h = _relative_table(rel.rel_pos_h.value, height, queries.dtype, torch)
-        table_w = _relative_table(rel.rel_pos_w.value, width, queries.dtype, torch)
-        grid = queries.reshape(batch, heads, height, width, key_dim)
-        # Contiguous, so that building the bias below is a plain streaming add.
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h).contiguous()
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w).contiguous()
-        row_bytes = batch * heads * width * tokens * queries.element_size()
-        budget = _CPU_BIAS_CHUNK_BYTES if queries.device.type == "cpu" else _ACCELERATOR_BIAS_CHUNK_BYTES
-        chunks = -(-height // max(1, min(height, budget // max(1, row_bytes))))
-        rows = -(-height // chunks)  # equal chunks: 64 rows in 4 x 16, not 3 x 20 + 4
-        outs = []
-        # Each query's softmax runs over all keys, so splitting queries is exact.
-        for top in range(0, height, rows):
-            bottom = min(height, top + rows)
-            bias = (rel_h[:, :, top:bottom, :, :, None] + rel_w[:, :, top:bottom, :, None, :]).reshape(
-                batch, heads, (bottom - top) * width, tokens
-            )
-            outs.append(F.scaled_dot_product_attention(
-                queries[:, :, top * width:bottom * width], keys, values, attn_mask=bias, scale=layer.scale
-            ))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
+    # (B, HW, 3, heads, d) -> (3, B, heads, HW, d), keras-hub's order of the qkv columns.
+    qkv = layer.qkv(x).reshape(batch, height * width, 3, layer.num_heads, layer.key_dim).permute(2, 0, 3, 1, 4)
+    out = _attend(layer, qkv, height, width)
     # (B, heads, HW, d) -> (B, H, W, heads * d), as keras-hub's transpose (0, 2, 3, 1, 4).
     out = out.permute(0, 2, 1, 3).reshape(batch, height, width, channels)
     return layer.projection(out)
+
+
+def _attend(layer, qkv, height: int, width: int):
+    """Attention of ``qkv`` ``(3, B, heads, HW, d)`` on a ``height x width`` token grid: ``(B, heads, HW, d)``."""
+    import torch
+    import torch.nn.functional as F
+
+    queries, keys, values = qkv.unbind(0)
+    batch, heads, tokens, key_dim = queries.shape
+    if not layer.use_rel_pos:
+        return F.scaled_dot_product_attention(queries, keys, values, scale=layer.scale)
+
+    rel = layer.add_decomposed_relative_pe
+    table_h = _relative_table(rel.rel_pos_h.value, height, queries.dtype, torch)
+    table_w = _relative_table(rel.rel_pos_w.value, width, queries.dtype, torch)
+    grid = queries.reshape(batch, heads, height, width, key_dim)
+    # Contiguous, so that building the bias below is a plain streaming add.
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h).contiguous()
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w).contiguous()
+    budget = _CPU_BIAS_CHUNK_BYTES if queries.device.type == "cpu" else _ACCELERATOR_BIAS_CHUNK_BYTES
+    items, group, rows = _bias_chunks(batch, heads, height, width * tokens * queries.element_size(), budget)
+    out = torch.empty_like(queries)
+    # Each query's softmax runs over all keys, so splitting queries is exact.
+    for b0 in range(0, batch, items):
+        b1 = min(batch, b0 + items)
+        for h0 in range(0, heads, group):
+            h1 = min(heads, h0 + group)
+            for top in range(0, height, rows):
+                bottom = min(height, top + rows)
+                bias = (rel_h[b0:b1, h0:h1, top:bottom, :, :, None]
+                        + rel_w[b0:b1, h0:h1, top:bottom, :, None, :]).reshape(
+                    b1 - b0, h1 - h0, (bottom - top) * width, tokens)
+                queried = slice(top * width, bottom * width)
+                out[b0:b1, h0:h1, queried] = F.scaled_dot_product_attention(
+                    queries[b0:b1, h0:h1, queried], keys[b0:b1, h0:h1], values[b0:b1, h0:h1],
+                    attn_mask=bias, scale=layer.scale,
+                )
+    return out
+
+
+def _bias_chunks(batch: int, heads: int, height: int, row_bytes: int, budget: int) -> tuple[int, int, int]:
+    """How to split the bias of ``batch`` x ``heads`` x ``height`` query rows into kernel calls.
+
+    ``row_bytes`` is the bias of one query row of one head of one batch item.
+    Returns ``(batch items, heads, query rows)`` per call: whole rows first,
+    then whole heads, then whole batch items while the bias stays within
+    ``budget``; sizes are evened out (64 rows in 4 x 16, not 3 x 20 + 4).
+    """
+    def even(total: int, at_most: int) -> int:
+        at_most = max(1, min(total, at_most))
+        return -(-total // -(-total // at_most))
+
+    rows = even(height, budget // max(1, row_bytes))
+    if rows < height:
+        return 1, 1, rows
+    group = even(heads, budget // max(1, row_bytes * height))
+    if group < heads:
+        return 1, group, rows
+    return even(batch, budget // max(1, row_bytes * height * heads)), heads, rows
 
 
 def _relative_table(table, size: int, dtype, torch):
