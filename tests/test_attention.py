@@ -58,9 +58,9 @@ def run(model, x):
 
 @pytest.fixture()
 def count_fused(monkeypatch):
-    """Counts calls of the fused forward and of torch's SDPA kernel."""
+    """Counts calls of the fused attention (from a patched layer or block) and of torch's SDPA kernel."""
     counts = {"fused": 0, "sdpa": 0}
-    fused, sdpa = attention._fused_forward, torch.nn.functional.scaled_dot_product_attention
+    fused, sdpa = attention._attend, torch.nn.functional.scaled_dot_product_attention
 
     def counting_fused(*args, **kwargs):
         counts["fused"] += 1
@@ -70,7 +70,7 @@ def count_fused(monkeypatch):
         counts["sdpa"] += 1
         return sdpa(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "_fused_forward", counting_fused)
+    monkeypatch.setattr(attention, "_attend", counting_fused)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
     return counts
 
@@ -231,3 +231,49 @@ def test_enabled_by_default_and_idempotent(monkeypatch):
     assert attention.unfuse_vitdet_attention(model) == 3
     assert not any("call" in vars(layer) for layer in attention_layers(model))
     assert torch.equal(run(model, x), expected)
+
+
+def test_windowed_blocks_project_only_real_tokens(count_fused):
+    """The qkv projection of a windowed block sees the 7x7 token grid, not the 9x9 padded windows."""
+    model = small_vitdet()
+    x = images()
+    expected = run(model, x)
+    shapes = []
+    for layer in attention_layers(model):
+        def recording(inputs, _real=layer.qkv.call):
+            shapes.append(tuple(inputs.shape))
+            return _real(inputs)
+        layer.qkv.call = recording
+
+    assert attention.fuse_vitdet_attention(model) == 3
+    got = run(model, x)
+
+    blocks = [b for b in model._flatten_layers() if type(b).__name__ == "WindowedTransformerEncoder"]
+    assert ["call" in vars(b) for b in blocks] == [True, False, True]  # the global block needs no patch
+    assert shapes == [(2, 7, 7, 32)] * 3  # keras-hub's own: (18, 3, 3, 32) for the windowed blocks
+    assert count_fused["fused"] == 3
+    assert float((got - expected).abs().max()) <= TOLERANCE
+
+
+def test_block_source_mismatch_keeps_keras_hub_blocks(monkeypatch, caplog, count_fused):
+    model = small_vitdet()
+    x = images()
+    expected = run(model, x)
+    monkeypatch.setattr(attention, "KNOWN_BLOCK_FINGERPRINTS", frozenset({"another keras-hub"}))
+
+    with caplog.at_level(logging.WARNING, logger="sam_backend.sam.attention"):
+        assert attention.fuse_vitdet_attention(model) == 3  # the attention itself is still fused
+
+    assert "keras-hub's padded projections" in caplog.text
+    assert not any("call" in vars(b) for b in model._flatten_layers()
+                   if type(b).__name__ == "WindowedTransformerEncoder")
+    assert float((run(model, x) - expected).abs().max()) <= TOLERANCE
+    assert count_fused["fused"] == 3
+
+
+def test_bias_chunks_for_vit_b():
+    """ViT-B at 1024 px: a global block in 1 head x 16 rows, a windowed block in 3 calls of 9 windows."""
+    budget = 16 << 20
+    assert attention._bias_chunks(1, 12, 64, 64 * 4096 * 4, budget) == (1, 1, 16)
+    assert attention._bias_chunks(25, 12, 14, 14 * 196 * 4, budget) == (9, 12, 14)
+    assert attention._bias_chunks(2, 2, 7, 1, 1) == (1, 1, 1)
