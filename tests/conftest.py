@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# The same precision on every machine (auto would pick bfloat16 on a CPU with AMX only);
+# tests/test_precision.py turns reduced precision on where it tests it.
+os.environ.setdefault("SAM_PRECISION", "float32")
 
 import logging
 

@@ -238,8 +238,9 @@ def precompute_command(args: argparse.Namespace) -> int:
             sys.stdout.write("\n".join(summary.lines()) + "\n")
             return summary.exit_code
         engine = SamEngine.from_preset(args.preset or default_preset(), device=args.device)
+        engine.choose_precision()  # the precision the server picks, so that it finds these embeddings
         sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {engine.preset} "
-                         f"on {engine.device_name} into {store.location}\n")
+                         f"on {engine.device_name} ({engine.precision}) into {store.location}\n")
         summary = Precomputer(EmbeddingTiers(engine, store=store), project, Credentials(args.url, args.api_key), view=args.view,
                               data_key=data_key, fetch_threads=args.fetch_threads,
                               progress=not args.no_progress).run()

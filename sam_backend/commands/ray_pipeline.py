@@ -424,7 +424,9 @@ class PrecomputeWorker:
         self.fatal = ""
         try:
             store = open_store(cache_dir=cache_dir, required=True)
-            self.embeddings = EmbeddingTiers(SamEngine.from_preset(preset, device=device), store=store)
+            engine = SamEngine.from_preset(preset, device=device)
+            engine.choose_precision()  # as a served worker on this hardware would, so that store keys agree
+            self.embeddings = EmbeddingTiers(engine, store=store)
         except Exception as exc:
             self.fatal = str(exc) if isinstance(exc, SamBackendError) else f"{type(exc).__name__}: {exc}"
             logger.error("%s", self.fatal)

@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 LazyImage = ImageSource | Callable[[], ImageSource]
 
 
+#: How an encoder precision other than float32 marks the fingerprint.
+_PRECISION_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
+
+
 class EmbeddingTiers:
     """The embeddings of an engine's images, kept in memory and in a store.
 
@@ -98,14 +102,21 @@ class EmbeddingTiers:
 
     @property
     def fingerprint(self) -> str:
-        """The preset's identity in store keys (a hash of its config and weights)."""
+        """The preset's identity in store keys: a hash of its config and weights, and the encoder's precision.
+
+        Embeddings from a reduced-precision encoder (bfloat16 on a CPU with
+        AMX, see ``SamEngine.choose_precision``) are keyed apart from float32
+        ones, so that switching ``SAM_PRECISION`` never serves the other's.
+        """
         with self._fingerprint_lock:
             if self._fingerprint is None:
                 started = time.perf_counter()
                 self._fingerprint = self._compute_fingerprint()
                 logger.info("Fingerprinted %s in %.1fs: %s", self.engine.preset, time.perf_counter() - started,
                             self._fingerprint[:16])
-            return self._fingerprint
+            tag = _PRECISION_TAGS.get(getattr(self.engine, "precision", "float32"), "")
+            # A prefix: store keys keep only the first 32 characters of a fingerprint.
+            return f"{tag}-{self._fingerprint}" if tag else self._fingerprint
 
     def _compute_fingerprint(self) -> str:
         if self.engine.preset_dir:

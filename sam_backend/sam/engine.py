@@ -23,7 +23,10 @@ from sam_backend.sam.decoder import ClickDecoder, UnsupportedLayers
 from sam_backend.sam.attention import fuse_vitdet_attention
 from sam_backend.sam.images import ImageSource, load_image
 from sam_backend.sam.stats import EngineStats
+from sam_backend.sam.precision import (ParityReport, autocast, candidate_precision, cpu_has_amx_bf16,
+                                       parity_prompts, parity_scene)
 from sam_backend.sam.presets import import_keras_hub, load_segmenter, resolve_preset
+from sam_backend.sam.synthetic import iou
 from sam_backend.sam.transforms import Frame, postprocess_logits, preprocess
 
 logger = logging.getLogger(__name__)
@@ -154,6 +157,11 @@ class SamEngine:
         # The torch click decoder: built at the first decode (None: not yet; False: keras-hub's path).
         self._click_decoder: ClickDecoder | None | bool = None
         self._click_decoder_lock = threading.Lock()
+        #: The image encoder's precision: float32 until :meth:`choose_precision` (run by :meth:`warm_up`)
+        #: has checked that a reduced one gives float32's masks.
+        self.precision = "float32"
+        #: What that check measured (None when no reduced precision was tried).
+        self.parity: ParityReport | None = None
 
     @classmethod
     def from_preset(cls, preset: str, device: str | None = None, **kwargs) -> "SamEngine":
@@ -199,17 +207,14 @@ class SamEngine:
         several boxes), upsampling a mask as a click does. Then checks that
         the torch click decoder gives keras-hub's masks, and falls back to
         keras-hub's layers if it does not (see :meth:`_get_click_decoder`).
-        Nothing here counts as an encode or a click in :attr:`stats` or
+        Last, :meth:`choose_precision` picks the encoder's precision (on a CPU
+        with AMX, bfloat16 when its masks match float32's). Nothing here
+        counts as an encode or a click in :attr:`stats` or
         :attr:`encoder_calls`.
         """
-        import torch
-        from keras import ops
-
         size = self.input_size
         started = time.perf_counter()
-        with torch.inference_mode(), device_scope(self.device):
-            blank = preprocess(np.zeros((size, size, 3), np.uint8), size)[None]
-            features = self._encoder(ops.convert_to_tensor(blank, dtype="float32")).float()
+        features = self._encode_features(preprocess(np.zeros((size, size, 3), np.uint8), size)[None])
         encoded = time.perf_counter()
         embedding = Embedding(features=features, frame=Frame.for_image((size, size), size))
         center, corner = [size / 2, size / 2], [size / 4, size / 4]
@@ -230,6 +235,57 @@ class SamEngine:
             "Warm-up: first encode %.2fs, decodes %.2fs",
             encoded - started, time.perf_counter() - encoded,
         )
+        self.choose_precision()
+
+    def choose_precision(self, requested: str | None = None) -> str:
+        """Pick the image encoder's precision: a reduced one only where it is wanted and keeps the masks.
+
+        The candidate comes from ``SAM_PRECISION`` (or ``requested``; see
+        :func:`~sam_backend.sam.precision.candidate_precision`): bfloat16 on a
+        CPU with AMX by default, float32 elsewhere. A reduced candidate is
+        encoded beside float32 on the parity scene, and kept only if the masks
+        of a click and a box on each shape match float32's at a mean IoU of at
+        least :data:`~sam_backend.sam.precision.PARITY_MIN_IOU`
+        (:attr:`parity` holds the figures). Embeddings from different
+        precisions never mix: the embedding store keys carry it.
+
+        Returns:
+            The precision now in use (:attr:`precision`).
+        """
+        candidate = candidate_precision(self._device_type, requested)
+        if candidate == "float32":
+            self.precision, self.parity = "float32", None
+            return self.precision
+        if self._device_type == "cpu" and not cpu_has_amx_bf16():
+            logger.warning("%s asked for on a CPU without AMX: slower than float32 there.", candidate)
+        scene = parity_scene()
+        size = self.input_size
+        batch = preprocess(scene.image, size)[None]
+        frame = Frame.for_image(scene.size, size)
+        reference = Embedding(self._encode_features(batch, "float32"), frame)
+        started = time.perf_counter()
+        reduced = Embedding(self._encode_features(batch, candidate), frame)
+        seconds = time.perf_counter() - started
+        ious = []
+        for prompt in parity_prompts(scene):
+            points, labels, box = validate_prompt(prompt.get("points"), prompt.get("labels"), prompt.get("box"),
+                                                  scene.size)
+            expected = self._decode(reference, points, labels, box, multimask=prompt.get("multimask"))
+            got = self._decode(reduced, points, labels, box, multimask=prompt.get("multimask"))
+            ious.extend(iou(a, b) for a, b in zip(expected.masks, got.masks))
+        self.parity = ParityReport(candidate, np.array(ious), seconds)
+        if self.parity.passed:
+            self.precision = candidate
+            logger.info("Image encoder in %s (%s).", candidate, self.parity)
+        else:
+            self.precision = "float32"
+            logger.warning("Image encoder stays float32: %s.", self.parity)
+        return self.precision
+
+    @cached_property
+    def _device_type(self) -> str:
+        """``cpu``, ``cuda``... (what autocast needs)."""
+        return self.device_name.split(":")[0]
 
     # ---------------------------------------------------------------- encode
 
@@ -253,13 +309,17 @@ class SamEngine:
 
     def encode_batch(self, batch: np.ndarray):
         """Image encoder on preprocessed ``(B, S, S, 3)`` inputs; torch features ``(B, h, w, C)``."""
+        self.encoder_calls += 1
+        return self._encode_features(batch)
+
+    def _encode_features(self, batch: np.ndarray, precision: str | None = None):
+        """The image encoder at ``precision`` (default :attr:`precision`), not counted; float32 features."""
         import torch
         from keras import ops
 
-        with torch.inference_mode(), device_scope(self.device):
-            self.encoder_calls += 1
-            features = self._encoder(ops.convert_to_tensor(batch, dtype="float32"))
-            return features.float()
+        with torch.inference_mode(), device_scope(self.device), autocast(self._device_type,
+                                                                         precision or self.precision):
+            return self._encoder(ops.convert_to_tensor(batch, dtype="float32")).float()
 
     def encode_many(self, images: list[ImageSource]) -> list[Embedding]:
         """Encode several images in one encoder call, in order.
