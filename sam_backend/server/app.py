@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from sam_backend import __version__
 from sam_backend.env import env_number
+from sam_backend.server.fast_json import FastJSONProvider
 from sam_backend.server.backend import SamBackend
 from sam_backend.errors import (
     BadRequestError,
@@ -85,7 +86,8 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
     if start_loading:
         backend.holder.start()
     app = Flask("sam_backend")
-    app.config["JSON_SORT_KEYS"] = False
+    app.json = FastJSONProvider(app)
+    app.json.sort_keys = False
     app.config["MAX_CONTENT_LENGTH"] = max_request_bytes()
     app.extensions["sam_backend"] = backend
     metrics = Metrics.create()
