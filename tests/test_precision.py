@@ -123,3 +123,15 @@ def test_store_keys_carry_the_precision(engine):
     assert entry_key(tiers.fingerprint, "image") != fp32_key
     engine.precision = "float32"
     assert entry_key(tiers.fingerprint, "image") == fp32_key
+
+
+def test_a_precision_that_cannot_run_keeps_float32(engine, monkeypatch, caplog):
+    monkeypatch.setenv(precision.ENV_VAR, "bfloat16")
+
+    def unsupported(device_type, precision_):
+        raise RuntimeError(f"autocast to {precision_} is not supported on {device_type}")
+
+    monkeypatch.setattr("sam_backend.sam.engine.autocast", unsupported)
+    with caplog.at_level(logging.WARNING, logger="sam_backend.sam.engine"):
+        assert engine.choose_precision() == "float32"
+    assert engine.parity is None and "bfloat16 failed (RuntimeError" in caplog.text

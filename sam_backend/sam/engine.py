@@ -258,13 +258,29 @@ class SamEngine:
             return self.precision
         if self._device_type == "cpu" and not cpu_has_amx_bf16():
             logger.warning("%s asked for on a CPU without AMX: slower than float32 there.", candidate)
+        self.precision = "float32"
+        try:
+            self.parity = self._parity(candidate)
+        except Exception as exc:  # a precision this device or torch cannot run: float32 it is
+            self.parity = None
+            logger.warning("Image encoder stays float32: %s failed (%s: %s).", candidate, type(exc).__name__, exc)
+            return self.precision
+        if self.parity.passed:
+            self.precision = candidate
+            logger.info("Image encoder in %s (%s).", candidate, self.parity)
+        else:
+            logger.warning("Image encoder stays float32: %s.", self.parity)
+        return self.precision
+
+    def _parity(self, precision: str) -> ParityReport:
+        """Masks from ``precision``'s embedding of the parity scene against float32's (not counted in stats)."""
         scene = parity_scene()
         size = self.input_size
         batch = preprocess(scene.image, size)[None]
         frame = Frame.for_image(scene.size, size)
         reference = Embedding(self._encode_features(batch, "float32"), frame)
         started = time.perf_counter()
-        reduced = Embedding(self._encode_features(batch, candidate), frame)
+        reduced = Embedding(self._encode_features(batch, precision), frame)
         seconds = time.perf_counter() - started
         ious = []
         for prompt in parity_prompts(scene):
@@ -273,14 +289,7 @@ class SamEngine:
             expected = self._decode(reference, points, labels, box, multimask=prompt.get("multimask"))
             got = self._decode(reduced, points, labels, box, multimask=prompt.get("multimask"))
             ious.extend(iou(a, b) for a, b in zip(expected.masks, got.masks))
-        self.parity = ParityReport(candidate, np.array(ious), seconds)
-        if self.parity.passed:
-            self.precision = candidate
-            logger.info("Image encoder in %s (%s).", candidate, self.parity)
-        else:
-            self.precision = "float32"
-            logger.warning("Image encoder stays float32: %s.", self.parity)
-        return self.precision
+        return ParityReport(precision, np.array(ious), seconds)
 
     @cached_property
     def _device_type(self) -> str:
