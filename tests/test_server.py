@@ -99,6 +99,7 @@ def test_health_and_root(client):
     for path in ("/", "/health"):
         body = client.get(path).get_json()
         assert body["status"] == "UP" and body["model_class"] == "SamBackend" and body["model_state"] == "ready"
+        assert body["encoder_precision"] == "float32"  # tests pin SAM_PRECISION (conftest)
 
 
 def test_setup_answers_model_version(client):

@@ -175,6 +175,9 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
             "preset": backend.preset,
             "model_version": backend.model_version,
         }
+        engine = holder.loaded_engine
+        if engine is not None:
+            body["encoder_precision"] = getattr(engine, "precision", "float32")
         if holder.error:
             body["error"] = holder.error
         return jsonify(body)
