@@ -66,6 +66,9 @@ class EncodeLog:
 
 
 def main() -> None:
+    from sam_backend.allocator import ensure_allocator
+
+    ensure_allocator()  # re-executes under tcmalloc, as serve's workers run
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="sam_base_sa1b")
     parser.add_argument("--demo", action="store_true", help="the shipped demo preset instead of --arch (quick)")
@@ -87,13 +90,14 @@ def main() -> None:
         from architectures import build_segmenter
 
         engine, name = SamEngine(build_segmenter(args.arch), preset=args.arch, device=args.device), args.arch
+    engine.warm_up()  # as serve does: one-time costs, and the encoder's precision (bfloat16 on AMX)
     tiers = EmbeddingTiers(engine)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8) for _ in range(args.cached_images + args.new_images)]
     cached, new = images[: args.cached_images], images[args.cached_images:]
     for index, image in enumerate(cached):
         tiers.embedding_for(f"cached-{index}", image)
-    print(f"{name} on {engine.device_name}, {torch.get_num_threads()} torch threads; "
+    print(f"{name} on {engine.device_name} ({engine.precision} encoder), {torch.get_num_threads()} torch threads; "
           f"model and {len(cached)} cached image(s) ready in {time.perf_counter() - started:.1f}s")
 
     embedding = tiers.embedding_for("cached-0", cached[0])
