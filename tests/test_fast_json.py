@@ -23,10 +23,20 @@ BODY = {"results": [{"result": [{"value": {"rle": list(range(256)) * 3, "brushla
 
 
 def test_same_document_as_the_standard_library():
-    with app().app_context():
-        text = app().json.dumps(BODY)
+    flask_app = app()
+    with flask_app.app_context():
+        text = flask_app.json.response(BODY).get_data(as_text=True)
     assert json.loads(text) == BODY
     assert text.index('"results"') < text.index('"empty"')  # insertion order kept (sort_keys off)
+
+
+def test_requests_and_dumps_stay_the_standard_librarys():
+    """Label Studio is a Python client: a NaN it sends must reach the region checks as NaN."""
+    flask_app = app()
+    with flask_app.app_context():
+        assert flask_app.json.dumps({"x": float("nan")}) == '{"x": NaN}'
+        assert flask_app.json.loads('{"x": NaN}')["x"] != flask_app.json.loads('{"x": NaN}')["x"]
+        assert json.loads(flask_app.json.response(x=float("nan")).get_data()) == {"x": None}
 
 
 def test_jsonify_writes_numpy_and_falls_back_for_the_rest():
