@@ -104,6 +104,7 @@ def test_wrong_reduced_encoder_is_refused(engine, monkeypatch):
 def test_warm_up_chooses_on_amx(engine, monkeypatch):
     monkeypatch.setenv(precision.ENV_VAR, "auto")
     monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(precision.ParityReport, "faster", True)  # the demo is too small for timing to tell
     engine.warm_up()
     assert engine.precision == "bfloat16"
 
@@ -135,3 +136,14 @@ def test_a_precision_that_cannot_run_keeps_float32(engine, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="sam_backend.sam.engine"):
         assert engine.choose_precision() == "float32"
     assert engine.parity is None and "bfloat16 failed (RuntimeError" in caplog.text
+
+
+def test_auto_keeps_float32_where_reduced_is_not_faster(engine, monkeypatch, caplog):
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(precision.ParityReport, "faster", False)
+    with caplog.at_level(logging.INFO, logger="sam_backend.sam.engine"):
+        assert engine.choose_precision("auto") == "float32"
+    assert engine.parity.passed and "is not faster here" in caplog.text
+    assert engine.parity.seconds > 0 and engine.parity.float32_seconds > 0
+
+    assert engine.choose_precision("bfloat16") == "bfloat16"  # asked for by name: the masks alone decide

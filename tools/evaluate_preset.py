@@ -136,11 +136,16 @@ def main(argv=None) -> int:
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--json", help="also write the scores to this file")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
+                        help="the image encoder's precision, chosen as the server does (a reduced one only if it "
+                             "passes the parity check; default float32)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     engine = SamEngine.from_preset(args.preset)
+    engine.choose_precision(args.precision)
     result = evaluate(engine, args.scenes, args.seed)
     result["preset"] = args.preset
+    result["precision"] = engine.precision
     logger.info("%d shapes in %d scenes; encode %.1f ms, decode %.1f ms", result["shapes"], result["scenes"],
                 result["encode_ms"], result["decode_ms"])
     sys.stdout.write(markdown(result) + "\n")

@@ -238,7 +238,7 @@ def precompute_command(args: argparse.Namespace) -> int:
             sys.stdout.write("\n".join(summary.lines()) + "\n")
             return summary.exit_code
         engine = SamEngine.from_preset(args.preset or default_preset(), device=args.device)
-        engine.choose_precision()  # the precision the server picks, so that it finds these embeddings
+        engine.warm_up()  # picks the precision the server picks, so that it finds these embeddings
         sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {engine.preset} "
                          f"on {engine.device_name} ({engine.precision}) into {store.location}\n")
         summary = Precomputer(EmbeddingTiers(engine, store=store), project, Credentials(args.url, args.api_key), view=args.view,

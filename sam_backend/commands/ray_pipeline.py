@@ -425,7 +425,7 @@ class PrecomputeWorker:
         try:
             store = open_store(cache_dir=cache_dir, required=True)
             engine = SamEngine.from_preset(preset, device=device)
-            engine.choose_precision()  # as a served worker on this hardware would, so that store keys agree
+            engine.warm_up()  # picks the precision a served worker on this hardware would: store keys agree
             self.embeddings = EmbeddingTiers(engine, store=store)
         except Exception as exc:
             self.fatal = str(exc) if isinstance(exc, SamBackendError) else f"{type(exc).__name__}: {exc}"

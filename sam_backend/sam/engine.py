@@ -24,7 +24,7 @@ from sam_backend.sam.attention import fuse_vitdet_attention
 from sam_backend.sam.images import ImageSource, load_image
 from sam_backend.sam.stats import EngineStats
 from sam_backend.sam.precision import (ParityReport, autocast, candidate_precision, cpu_has_amx_bf16,
-                                       parity_prompts, parity_scene)
+                                       parity_prompts, parity_scene, requested_precision)
 from sam_backend.sam.presets import import_keras_hub, load_segmenter, resolve_preset
 from sam_backend.sam.synthetic import iou
 from sam_backend.sam.transforms import Frame, postprocess_logits, preprocess
@@ -246,13 +246,16 @@ class SamEngine:
         encoded beside float32 on the parity scene, and kept only if the masks
         of a click and a box on each shape match float32's at a mean IoU of at
         least :data:`~sam_backend.sam.precision.PARITY_MIN_IOU`
-        (:attr:`parity` holds the figures). Embeddings from different
-        precisions never mix: the embedding store keys carry it.
+        (:attr:`parity` holds the figures) and, under ``auto``, if its encode
+        was the faster (timings assume a warm float32 encoder, as after
+        :meth:`warm_up`'s first encode). Embeddings from different precisions
+        never mix: the embedding store keys carry it.
 
         Returns:
             The precision now in use (:attr:`precision`).
         """
-        candidate = candidate_precision(self._device_type, requested)
+        wanted = requested or requested_precision()
+        candidate = candidate_precision(self._device_type, wanted)
         if candidate == "float32":
             self.precision, self.parity = "float32", None
             return self.precision
@@ -265,11 +268,13 @@ class SamEngine:
             self.parity = None
             logger.warning("Image encoder stays float32: %s failed (%s: %s).", candidate, type(exc).__name__, exc)
             return self.precision
-        if self.parity.passed:
+        if not self.parity.passed:
+            logger.warning("Image encoder stays float32: %s.", self.parity)
+        elif wanted == "auto" and not self.parity.faster:
+            logger.info("Image encoder stays float32: %s is not faster here (%s).", candidate, self.parity)
+        else:
             self.precision = candidate
             logger.info("Image encoder in %s (%s).", candidate, self.parity)
-        else:
-            logger.warning("Image encoder stays float32: %s.", self.parity)
         return self.precision
 
     def _parity(self, precision: str) -> ParityReport:
@@ -278,7 +283,10 @@ class SamEngine:
         size = self.input_size
         batch = preprocess(scene.image, size)[None]
         frame = Frame.for_image(scene.size, size)
+        started = time.perf_counter()
         reference = Embedding(self._encode_features(batch, "float32"), frame)
+        float32_seconds = time.perf_counter() - started
+        self._encode_features(batch, precision)  # its one-time costs (kernel selection) are not its speed
         started = time.perf_counter()
         reduced = Embedding(self._encode_features(batch, precision), frame)
         seconds = time.perf_counter() - started
@@ -289,7 +297,7 @@ class SamEngine:
             expected = self._decode(reference, points, labels, box, multimask=prompt.get("multimask"))
             got = self._decode(reduced, points, labels, box, multimask=prompt.get("multimask"))
             ious.extend(iou(a, b) for a, b in zip(expected.masks, got.masks))
-        return ParityReport(precision, np.array(ious), seconds)
+        return ParityReport(precision, np.array(ious), seconds, float32_seconds)
 
     @cached_property
     def _device_type(self) -> str:

@@ -7,11 +7,13 @@ takes about half the time. Without AMX, bfloat16 is slower than float32, and
 on a GPU it has not been measured here: both keep float32 unless asked.
 
 Reduced precision changes the embeddings slightly (about 1 % relative), so it
-is only used when the masks it gives equal float32's: :func:`mask_parity`
-encodes a generated scene both ways and compares, for a click and a box on
-each of its shapes, every candidate mask. The engine keeps reduced precision
-only when their mean IoU is at least :data:`PARITY_MIN_IOU`, with the model's
-own weights, at load (see ``SamEngine.warm_up``).
+is only used when the masks it gives equal float32's: ``SamEngine`` encodes a
+generated scene (:func:`parity_scene`) both ways at load and compares, for a
+click and a box on each of its shapes (:func:`parity_prompts`), every
+candidate mask. It keeps reduced precision only when their mean IoU is at
+least :data:`PARITY_MIN_IOU`, with the model's own weights, and (under
+``auto``) only when the reduced encode was the faster one: a small model's
+encode is overhead that bfloat16 does not shorten.
 
 ``SAM_PRECISION`` chooses: ``auto`` (the default: bfloat16 on CPUs with AMX,
 float32 elsewhere), ``float32``, ``bfloat16`` or ``float16``. An explicit
@@ -123,12 +125,14 @@ class ParityReport:
     Attributes:
         precision: the reduced precision that was compared.
         ious: IoU of every candidate mask of every prompt against float32's.
-        seconds: time of the reduced-precision encode (its first, one-time costs included).
+        seconds: time of a reduced-precision encode (after a first one that pays its one-time costs).
+        float32_seconds: time of the float32 encode of the same scene.
     """
 
     precision: str
     ious: np.ndarray
     seconds: float
+    float32_seconds: float = float("inf")
 
     @property
     def mean_iou(self) -> float:
@@ -140,11 +144,18 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
+        """The masks match float32's (mean IoU at least :data:`PARITY_MIN_IOU`)."""
         return self.ious.size > 0 and self.mean_iou >= PARITY_MIN_IOU
+
+    @property
+    def faster(self) -> bool:
+        """The reduced encode beat float32's (small models gain nothing: their encode is overhead)."""
+        return self.seconds < self.float32_seconds
 
     def __str__(self) -> str:
         return (f"{self.precision} masks against float32's: mean IoU {self.mean_iou:.4f}, min {self.min_iou:.4f} "
-                f"over {self.ious.size} masks (at least {PARITY_MIN_IOU} needed)")
+                f"over {self.ious.size} masks (at least {PARITY_MIN_IOU} needed); encode {self.seconds:.2f}s "
+                f"against {self.float32_seconds:.2f}s")
 
 
 def parity_scene(seed: int = 20261123):
