@@ -249,7 +249,7 @@ def test_windowed_blocks_project_only_real_tokens(count_fused):
     got = run(model, x)
 
     blocks = [b for b in model._flatten_layers() if type(b).__name__ == "WindowedTransformerEncoder"]
-    assert ["call" in vars(b) for b in blocks] == [True, False, True]  # the global block needs no patch
+    assert ["call" in vars(b) for b in blocks] == [True, True, True]
     assert shapes == [(2, 7, 7, 32)] * 3  # keras-hub's own: (18, 3, 3, 32) for the windowed blocks
     assert count_fused["fused"] == 3
     assert float((got - expected).abs().max()) <= TOLERANCE
@@ -264,7 +264,7 @@ def test_block_source_mismatch_keeps_keras_hub_blocks(monkeypatch, caplog, count
     with caplog.at_level(logging.WARNING, logger="sam_backend.sam.attention"):
         assert attention.fuse_vitdet_attention(model) == 3  # the attention itself is still fused
 
-    assert "keras-hub's padded projections" in caplog.text
+    assert "blocks keep keras-hub's own call" in caplog.text
     assert not any("call" in vars(b) for b in model._flatten_layers()
                    if type(b).__name__ == "WindowedTransformerEncoder")
     assert float((run(model, x) - expected).abs().max()) <= TOLERANCE
@@ -277,3 +277,33 @@ def test_bias_chunks_for_vit_b():
     assert attention._bias_chunks(1, 12, 64, 64 * 4096 * 4, budget) == (1, 1, 16)
     assert attention._bias_chunks(25, 12, 14, 14 * 196 * 4, budget) == (9, 12, 14)
     assert attention._bias_chunks(2, 2, 7, 1, 1) == (1, 1, 1)
+
+
+def test_blocks_under_bfloat16_autocast(count_fused):
+    """Under autocast the patched blocks run their linear layers in bfloat16, bias included, close to keras-hub's."""
+    model = small_vitdet()
+    x = images()
+    expected = run(model, x)  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keras_hub_bf16 = run(model, x)
+    linears = []
+    real_linear = torch.nn.functional.linear
+
+    def counting_linear(*args, **kwargs):
+        out = real_linear(*args, **kwargs)
+        linears.append(out.dtype)
+        return out
+
+    attention.fuse_vitdet_attention(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.linear = counting_linear
+        try:
+            got = run(model, x)
+        finally:
+            torch.nn.functional.linear = real_linear
+
+    assert linears == [torch.bfloat16] * 12  # qkv, projection and two MLP layers in each of 3 blocks
+    assert count_fused["fused"] == 3
+    scale = float(expected.abs().max())
+    assert float((got.float() - expected).abs().max()) <= 0.05 * scale
+    assert float((got.float() - keras_hub_bf16.float()).abs().max()) <= 0.05 * scale

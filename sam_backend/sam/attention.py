@@ -62,17 +62,18 @@ _ACCELERATOR_BIAS_CHUNK_BYTES = 1 << 30
 
 # Marks a patched layer (the original ``call`` stays the class's).
 _PATCH_MARK = "_sam_fused_attention"
-_BLOCK_PATCH_MARK = "_sam_unpadded_projections"
+_BLOCK_PATCH_MARK = "_sam_fast_block"
 
-#: The windowed block class whose ``call`` is replaced so that its attention's
-#: input and output projections skip the window padding.
+#: The ViTDet block class whose ``call`` is replaced: windowed blocks skip the
+#: window padding in their projections, and under autocast every block runs
+#: its linear layers in autocast's dtype, bias included.
 _BLOCK_CLASS = "WindowedTransformerEncoder"
 
-#: sha256 of ``WindowedTransformerEncoder.call``, ``WindowPartitioning.partition``
-#: and ``WindowPartitioning.unpartition`` (concatenated) whose math
-#: :func:`_unpadded_block_call` reproduces; keras-hub 0.32.0.
+#: sha256 of ``WindowedTransformerEncoder.call``, ``WindowPartitioning.partition``,
+#: ``WindowPartitioning.unpartition`` and ``MLP.call`` (concatenated) whose math
+#: :func:`_block_forward` reproduces; keras-hub 0.32.0.
 KNOWN_BLOCK_FINGERPRINTS = frozenset({
-    "f951a420d4829ede22262224473ef740c00f699d402468cdf47f8f9795394725",
+    "c6115423d3ca6e44ad599a1c729c2f5e67739b3273c1ed2585facb65d85c7378",
 })
 
 
@@ -156,7 +157,7 @@ def fuse_vitdet_attention(model_or_layer, enabled: bool | None = None) -> int:
         )
     if newly:
         logger.info("Fused attention (torch scaled_dot_product_attention) in %d ViTDet attention layer(s).", newly)
-    _patch_windowed_blocks(model_or_layer)
+    _patch_blocks(model_or_layer)
     return fused
 
 
@@ -241,6 +242,10 @@ def _mismatch(layer) -> str | None:
         return f"unexpected attributes ({exc})"
     if layer.dtype_policy.quantization_mode is not None:
         return "quantized layer"
+    for dense in (layer.qkv, layer.projection):
+        reason = _dense_mismatch(dense)
+        if reason:
+            return reason
     return None
 
 
@@ -256,26 +261,33 @@ def _all_layers(root) -> list:
 
 
 def block_source_fingerprint(cls) -> str | None:
-    """sha256 of the windowed block source that :func:`_unpadded_block_call` reproduces; None if unreadable."""
+    """sha256 of the block source that :func:`_block_forward` reproduces; None if unreadable."""
     try:
-        partitioning = inspect.getmodule(cls).WindowPartitioning
+        module = inspect.getmodule(cls)
+        partitioning = module.WindowPartitioning
         parts = [inspect.getsource(cls.call), inspect.getsource(partitioning.partition),
-                 inspect.getsource(partitioning.unpartition)]
+                 inspect.getsource(partitioning.unpartition), inspect.getsource(module.MLP.call)]
     except (AttributeError, ImportError, OSError, TypeError):
         return None
     return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
-def _patch_windowed_blocks(root) -> int:
-    """Patch each windowed block whose attention runs the fused path; returns how many were patched now.
+def _patch_blocks(root) -> int:
+    """Patch each ViTDet block whose attention runs the fused path; returns how many were patched now.
 
-    keras-hub pads the normalised tokens up to whole windows (a 64x64 grid
-    becomes 70x70 in 14x14 windows: 20 % more tokens) and runs the qkv and
-    output projections on the padding too. The patched block projects only
-    the real tokens: the qkv of a zero padding token is the qkv bias exactly,
-    and the outputs at padded positions are cropped away, so nothing
-    changes but the work (about 16 % of a ViT-B windowed block's qkv and
-    projection multiplies).
+    - keras-hub pads a windowed block's normalised tokens up to whole windows
+      (a 64x64 grid becomes 70x70 in 14x14 windows: 20 % more tokens) and runs
+      the qkv and output projections on the padding too. The patched block
+      projects only the real tokens: the qkv of a zero padding token is the
+      qkv bias exactly, and the outputs at padded positions are cropped away,
+      so nothing changes but the work (about 16 % of a ViT-B windowed block's
+      qkv and projection multiplies).
+    - Under autocast (the bfloat16 encoder), keras's ``Dense`` multiplies in
+      bfloat16 but adds its float32 bias after, so each layer's output goes
+      back to float32 and is cast again by the next one: the patched blocks
+      run qkv, projection and MLP as one bfloat16 ``linear`` each (bias
+      included) and the MLP's GELU in bfloat16 (a ViT-B MLP: 39 to 24 ms).
+      Without autocast they call keras's layers as keras-hub does.
     """
     patched, refused = 0, set()
     for block in _all_layers(root):
@@ -283,8 +295,6 @@ def _patch_windowed_blocks(root) -> int:
             continue
         if not getattr(getattr(block, "attention", None), _PATCH_MARK, False):
             continue  # its attention stays keras-hub's (already said), so does the block
-        if not (isinstance(getattr(block, "window_size", None), int) and block.window_size > 0):
-            continue  # a global block has no padding to skip
         reason = _block_mismatch(block)
         if reason:
             refused.add(reason)
@@ -293,45 +303,74 @@ def _patch_windowed_blocks(root) -> int:
         setattr(block, _BLOCK_PATCH_MARK, True)
         patched += 1
     if refused:
-        logger.warning("Windowed blocks keep keras-hub's padded projections (%s).", "; ".join(sorted(refused)))
+        logger.warning("ViTDet blocks keep keras-hub's own call (%s).", "; ".join(sorted(refused)))
     return patched
 
 
 def _block_mismatch(block) -> str | None:
-    """Why ``block`` is not the windowed block the unpadded path reproduces; None when it is."""
+    """Why ``block`` is not the block :func:`_block_forward` reproduces; None when it is."""
     try:
         if "call" in vars(block):
             return "call already replaced by someone else"
         if block_source_fingerprint(type(block)) not in KNOWN_BLOCK_FINGERPRINTS:
-            return "keras-hub's block source differs from the one the unpadded path reproduces"
-        if block.window_partitioning.window_size != block.window_size:
+            return "keras-hub's block source differs from the one the patched block reproduces"
+        if not isinstance(block.window_size, int) or block.window_size < 0:
+            return "window size is not a non-negative integer"
+        if block.window_size and block.window_partitioning.window_size != block.window_size:
             return "window sizes differ"
-        if block.attention.use_rel_pos and tuple(int(d) for d in block.attention.input_size) != (
-                block.window_size, block.window_size):
+        if block.window_size and block.attention.use_rel_pos and tuple(
+                int(d) for d in block.attention.input_size) != (block.window_size, block.window_size):
             return "relative positions not sized for one window"
+        mlp = block.mlp_block
+        layers = list(mlp.dense_net.layers)
+        if [type(layer).__name__ for layer in layers] != ["Dense", "Activation", "Dense"] or mlp.activation != "gelu":
+            return "MLP is not Dense, GELU, Dense"
+        for dense in (layers[0], layers[2]):
+            reason = _dense_mismatch(dense)
+            if reason:
+                return f"MLP {reason}"
     except (AttributeError, TypeError, ValueError) as exc:
         return f"unexpected attributes ({exc})"
     return None
 
 
+def _dense_mismatch(layer) -> str | None:
+    """Why keras ``Dense`` ``layer`` is not a plain ``x @ kernel + bias`` (what :func:`_dense` computes)."""
+    import keras
+
+    if getattr(layer, "activation", None) is not keras.activations.linear:
+        return f"{layer.name} has an activation"
+    if layer.dtype_policy.quantization_mode is not None or getattr(layer, "lora_enabled", False):
+        return f"{layer.name} is quantized or has LoRA"
+    if len(layer.kernel.shape) != 2:
+        return f"{layer.name} kernel is not a matrix"
+    return None
+
+
 def _patched_block_call(self, x):
-    """The patched block ``call``: projections on real tokens only, keras-hub's block otherwise."""
+    """The patched block ``call``: :func:`_block_forward` for the tensors it handles, keras-hub's call otherwise."""
     import torch
 
     if not (isinstance(x, torch.Tensor) and x.ndim == 4 and x.device.type != "meta"):
         return type(self).call(self, x)
-    return _unpadded_block_call(self, x)
+    if self.window_size == 0 and not torch.is_autocast_enabled(x.device.type):
+        return type(self).call(self, x)  # a global block in float32: keras-hub's call is already all it can be
+    return _block_forward(self, x)
 
 
-def _unpadded_block_call(block, x):
-    """keras-hub's ``WindowedTransformerEncoder.call`` with the attention's projections on real tokens only."""
+def _block_forward(block, x):
+    """keras-hub's ``WindowedTransformerEncoder.call``, with windowed projections on real tokens only."""
     attention = block.attention
+    if block.window_size == 0:
+        x = x + attention(block.layer_norm1(x))
+        return x + _mlp(block.mlp_block, block.layer_norm2(x))
+
     size, heads, key_dim = block.window_size, attention.num_heads, attention.key_dim
     batch, height, width, channels = x.shape
     pad_h, pad_w = (-height) % size, (-width) % size
     rows, cols = (height + pad_h) // size, (width + pad_w) // size
 
-    qkv = _autocast_input(attention.qkv(block.layer_norm1(x)))
+    qkv = _autocast_input(_dense(attention.qkv, block.layer_norm1(x)))
     if pad_h or pad_w:
         # keras-hub pads the normalised tokens with zeros; their qkv is the bias (or zero).
         bias = attention.qkv.bias.value if attention.qkv.use_bias else 0.0
@@ -347,8 +386,37 @@ def _unpadded_block_call(block, x):
     # (B, rows, cols, heads, size, size, d) -> (B, rows, size, cols, size, heads, d), then crop the padding.
     out = out.reshape(batch, rows, cols, heads, size, size, key_dim).permute(0, 1, 4, 2, 5, 3, 6)
     out = out.reshape(batch, rows * size, cols * size, channels)[:, :height, :width]
-    x = x + attention.projection(out)
-    return x + block.mlp_block(block.layer_norm2(x))
+    x = x + _dense(attention.projection, out)
+    return x + _mlp(block.mlp_block, block.layer_norm2(x))
+
+
+def _dense(layer, x):
+    """keras ``Dense`` ``layer`` on ``x``: keras's own call, or under autocast one ``linear`` in its dtype.
+
+    Under autocast ``linear`` casts the input, the kernel and the bias alike,
+    so the bias is added inside the multiply and the output stays in
+    autocast's dtype (keras adds a float32 bias after a bfloat16 matmul).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.is_autocast_enabled(x.device.type):
+        return layer(x)
+    bias = layer.bias.value if layer.use_bias else None
+    # As one matrix: a strided 4-D input (a cropped window grid) would make linear a batched matmul.
+    out = F.linear(x.reshape(-1, x.shape[-1]), layer.kernel.value.t(), bias)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _mlp(mlp, x):
+    """keras-hub's ``MLP`` (Dense, GELU, Dense) on ``x``; under autocast in its dtype throughout."""
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.is_autocast_enabled(x.device.type):
+        return mlp(x)
+    first, _, second = mlp.dense_net.layers
+    return _dense(second, F.gelu(_dense(first, x)))  # keras's "gelu" is the exact (erf) one
 
 
 # ------------------------------------------------------------------ fused path
@@ -385,11 +453,11 @@ def _fused_forward(layer, x):
     """
     batch, height, width, channels = x.shape
     # (B, HW, 3, heads, d) -> (3, B, heads, HW, d), keras-hub's order of the qkv columns.
-    qkv = layer.qkv(x).reshape(batch, height * width, 3, layer.num_heads, layer.key_dim).permute(2, 0, 3, 1, 4)
+    qkv = _dense(layer.qkv, x).reshape(batch, height * width, 3, layer.num_heads, layer.key_dim).permute(2, 0, 3, 1, 4)
     out = _attend(layer, qkv, height, width)
     # (B, heads, HW, d) -> (B, H, W, heads * d), as keras-hub's transpose (0, 2, 3, 1, 4).
     out = out.permute(0, 2, 1, 3).reshape(batch, height, width, channels)
-    return layer.projection(out)
+    return _dense(layer.projection, out)
 
 
 def _attend(layer, qkv, height: int, width: int):
