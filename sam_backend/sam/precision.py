@@ -3,7 +3,7 @@
 On CPUs with AMX (Intel Sapphire Rapids and later) a bfloat16 matrix multiply
 runs several times faster than a float32 one (6x measured on a 2-core Xeon:
 2260 against 374 GFLOP/s), so the ViT-B image encoder under bfloat16 autocast
-takes about half the time. Without AMX, bfloat16 is slower than float32, and
+takes about a third of the time. Without AMX, bfloat16 is slower than float32, and
 on a GPU it has not been measured here: both keep float32 unless asked.
 
 Reduced precision changes the embeddings slightly (about 1 % relative), so it
