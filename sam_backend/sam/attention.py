@@ -17,6 +17,12 @@ block of query rows, heads and windows at a time (at most 16 MiB on a CPU:
 three kernel calls per ViT-B windowed block, 48 per global block), so the
 800 MB intermediates are gone and each bias is read while still in cache.
 
+The blocks around those layers are patched too (:func:`_patch_blocks`, with a
+fingerprint of their own): windowed blocks run their qkv and output
+projections on the real tokens only, not on the window padding, and under
+autocast (the bfloat16 encoder of ``sam_backend.sam.precision``) every block
+runs its linear layers in bfloat16 with the bias inside.
+
 Nothing else changes: the weights are keras-hub's own variables, read at each
 call (so training updates them as usual), and presets load and save exactly as
 before. A layer is only patched when its class's source is the one this code
@@ -359,7 +365,7 @@ def _patched_block_call(self, x):
 
 
 def _block_forward(block, x):
-    """keras-hub's ``WindowedTransformerEncoder.call``, with windowed projections on real tokens only."""
+    """keras-hub's ``WindowedTransformerEncoder.call``: windowed projections on real tokens, autocast-aware linears."""
     attention = block.attention
     if block.window_size == 0:
         x = x + attention(block.layer_norm1(x))
