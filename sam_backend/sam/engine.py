@@ -247,7 +247,7 @@ class SamEngine:
         of a click and a box on each shape match float32's at a mean IoU of at
         least :data:`~sam_backend.sam.precision.PARITY_MIN_IOU`
         (:attr:`parity` holds the figures) and, under ``auto``, if its encode
-        was the faster (timings assume a warm float32 encoder, as after
+        was at least 1.5 times faster (timings assume a warm float32 encoder, as after
         :meth:`warm_up`'s first encode). Embeddings from different precisions
         never mix: the embedding store keys carry it.
 
@@ -271,7 +271,7 @@ class SamEngine:
         if not self.parity.passed:
             logger.warning("Image encoder stays float32: %s.", self.parity)
         elif wanted == "auto" and not self.parity.faster:
-            logger.info("Image encoder stays float32: %s is not faster here (%s).", candidate, self.parity)
+            logger.info("Image encoder stays float32: %s is not enough faster here (%s).", candidate, self.parity)
         else:
             self.precision = candidate
             logger.info("Image encoder in %s (%s).", candidate, self.parity)
@@ -283,13 +283,11 @@ class SamEngine:
         size = self.input_size
         batch = preprocess(scene.image, size)[None]
         frame = Frame.for_image(scene.size, size)
-        started = time.perf_counter()
-        reference = Embedding(self._encode_features(batch, "float32"), frame)
-        float32_seconds = time.perf_counter() - started
+        features, float32_seconds = self._timed_encode(batch, "float32")
+        reference = Embedding(features, frame)
         self._encode_features(batch, precision)  # its one-time costs (kernel selection) are not its speed
-        started = time.perf_counter()
-        reduced = Embedding(self._encode_features(batch, precision), frame)
-        seconds = time.perf_counter() - started
+        features, seconds = self._timed_encode(batch, precision)
+        reduced = Embedding(features, frame)
         ious = []
         for prompt in parity_prompts(scene):
             points, labels, box = validate_prompt(prompt.get("points"), prompt.get("labels"), prompt.get("box"),
@@ -298,6 +296,19 @@ class SamEngine:
             got = self._decode(reduced, points, labels, box, multimask=prompt.get("multimask"))
             ious.extend(iou(a, b) for a, b in zip(expected.masks, got.masks))
         return ParityReport(precision, np.array(ious), seconds, float32_seconds)
+
+    def _timed_encode(self, batch: np.ndarray, precision: str, budget: float = 0.3):
+        """Features of ``batch`` at ``precision`` and the fastest of as many encodes as fit in ``budget`` seconds.
+
+        One encode for a large model; a small one's 20 ms encodes are timed
+        many times, so that every worker of a server times them alike.
+        """
+        times = []
+        while not times or (sum(times) < budget and len(times) < 50):
+            started = time.perf_counter()
+            features = self._encode_features(batch, precision)
+            times.append(time.perf_counter() - started)
+        return features, min(times)
 
     @cached_property
     def _device_type(self) -> str:
