@@ -62,11 +62,11 @@ def images(work: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """The best fp32 matrix-multiply rate of this machine, in GFLOP/s (all cores, torch's BLAS)."""
+def gemm_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """The best matrix-multiply rate of this machine in ``dtype``, in GFLOP/s (all cores, torch's BLAS)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -208,6 +208,7 @@ def main() -> None:
         print(f"encoder: {encoder['encode']:.2f} s float32 ({encoder['allocator']})", flush=True)
         reduced = None
         if cpu_has_amx_bf16():
+            print(f"AMX: bfloat16 GEMM {gemm_gflops(dtype='bfloat16'):.0f} GFLOP/s", flush=True)
             reduced = run_child("encoder", child, {**plain, "SAM_PRECISION": "auto"})
             print(f"encoder as served on this CPU (AMX): {reduced['encode']:.2f} s {reduced['precision']}; "
                   f"{reduced['parity'] or 'no reduced precision tried'}", flush=True)

@@ -376,7 +376,7 @@ def _block_forward(block, x):
     pad_h, pad_w = (-height) % size, (-width) % size
     rows, cols = (height + pad_h) // size, (width + pad_w) // size
 
-    qkv = _autocast_input(_dense(attention.qkv, block.layer_norm1(x)))
+    qkv = _dense(attention.qkv, block.layer_norm1(x))
     if pad_h or pad_w:
         # keras-hub pads the normalised tokens with zeros; their qkv is the bias (or zero).
         bias = attention.qkv.bias.value if attention.qkv.use_bias else 0.0
@@ -471,7 +471,7 @@ def _attend(layer, qkv, height: int, width: int):
     import torch
     import torch.nn.functional as F
 
-    queries, keys, values = _autocast_input(qkv).unbind(0)
+    queries, keys, values = qkv.unbind(0)
     batch, heads, tokens, key_dim = queries.shape
     if not layer.use_rel_pos:
         return F.scaled_dot_product_attention(queries, keys, values, scale=layer.scale)
@@ -502,22 +502,6 @@ def _attend(layer, qkv, height: int, width: int):
                     attn_mask=bias, scale=layer.scale,
                 )
     return out
-
-
-def _autocast_input(tensor):
-    """``tensor`` in autocast's dtype when autocast is on (once, not per kernel call); else as it is.
-
-    Under bfloat16 autocast a keras Dense gives float32 (its float32 bias is
-    added after the bfloat16 matmul), and each SDPA call of a chunk would
-    cast its queries, keys, values and bias again.
-    """
-    import torch
-
-    device = tensor.device.type
-    if not torch.is_autocast_enabled(device):
-        return tensor
-    dtype = torch.get_autocast_dtype(device)
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _bias_chunks(batch: int, heads: int, height: int, row_bytes: int, budget: int) -> tuple[int, int, int]:
