@@ -168,15 +168,25 @@ class Preannotator:
                 uploads.append({"task": task["id"], **prediction})
                 replaced += [p["id"] for p in our_predictions(task, version) if "id" in p]
             bar.update(1)
-        if not self.dry_run and uploads:
-            for prediction_id in replaced:
-                self.project.delete_prediction(prediction_id)
-            self.project.create_predictions(uploads)
-        for upload in uploads:
-            summary.done += 1
-            summary.masks += len(upload["result"])
-            summary.empty += not upload["result"]
-        bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=len(summary.failed), refresh=False)
+        upload_predictions(self.project, uploads, replaced, summary, bar, self.dry_run)
+
+
+def upload_predictions(project: LabelStudioProject, uploads: list[dict], replaced: list, summary: Summary, bar,
+                       dry_run: bool = False) -> None:
+    """Replace our earlier predictions (ids in ``replaced``) by ``uploads``, and count them in ``summary``.
+
+    The single-machine run and the Ray run (:mod:`.ray_pipeline`) both upload
+    through here; a dry run counts without uploading.
+    """
+    if not dry_run and uploads:
+        for prediction_id in replaced:
+            project.delete_prediction(prediction_id)
+        project.create_predictions(uploads)
+    for upload in uploads:
+        summary.done += 1
+        summary.masks += len(upload["result"])
+        summary.empty += not upload["result"]
+    bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=len(summary.failed), refresh=False)
 
 
 def predict_or_reason(backend, task: dict, config, settings: PrelabelSettings, project) -> tuple[dict | None, str | None]:

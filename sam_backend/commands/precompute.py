@@ -9,13 +9,14 @@ so an interrupted run leaves nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from sam_backend.embeddings.fingerprints import image_identity
 from sam_backend.errors import LabelConfigError, SamBackendError, StoreError
@@ -136,16 +137,8 @@ class Precomputer:
                    desc=f"project {self.project.project}")
         pool = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="sam-fetch")
         try:
-            self._walk(data_key, summary, bar, pool)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-            logger.warning("Interrupted after %d task(s); stored images stay stored.", summary.tasks)
-        except LabelStudioError as exc:
-            if summary.tasks == 0:
-                raise
-            # Label Studio went away mid-run: what is stored stays; the next run resumes.
-            summary.interrupted = True
-            logger.error("%s", exc)
+            with stop_resumably(summary):
+                self._walk(data_key, summary, bar, pool)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             bar.close()
@@ -197,6 +190,27 @@ class Precomputer:
             summary.encoded += 1
         else:
             summary.stored += 1
+
+
+@contextlib.contextmanager
+def stop_resumably(summary: PrecomputeSummary) -> Iterator[None]:
+    """End a walk over a project's images on Ctrl-C, or when Label Studio goes away after the first task.
+
+    What is stored stays stored and the summary says the run was interrupted,
+    so the next run resumes; a Label Studio error before any task is raised
+    (nothing was done: the caller reports it). The single-machine and the Ray
+    precompute both walk inside it.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        logger.warning("Interrupted after %d task(s); stored images stay stored.", summary.tasks)
+    except LabelStudioError as exc:
+        if summary.tasks == 0:
+            raise
+        summary.interrupted = True
+        logger.error("%s", exc)
 
 
 def store_image(embeddings: EmbeddingTiers, identity: str, path: str, url: str, task_id) -> bool:

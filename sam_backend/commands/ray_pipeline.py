@@ -46,8 +46,10 @@ from typing import Iterator
 
 import numpy as np
 
-from sam_backend.commands.precompute import PrecomputeSummary, failure_reason, image_data_key, store_image
-from sam_backend.commands.preannotate import Summary, encode_together, our_predictions, predict_or_reason
+from sam_backend.commands.precompute import (PrecomputeSummary, failure_reason, image_data_key, stop_resumably,
+                                             store_image)
+from sam_backend.commands.preannotate import (Summary, encode_together, our_predictions, predict_or_reason,
+                                              upload_predictions)
 from sam_backend.errors import SamBackendError, StoreError
 from sam_backend.labelstudio.api import LabelStudioError, LabelStudioProject
 from sam_backend.labelstudio.labelconfig import parse_label_config
@@ -639,15 +641,7 @@ class RayPreannotator:
         return {"url": credentials.hostname or self.project.url, "api_key": credentials.token}
 
     def _upload(self, uploads: list[dict], deletions: list, summary: Summary, bar) -> None:
-        if not self.dry_run and uploads:
-            for prediction_id in deletions:
-                self.project.delete_prediction(prediction_id)
-            self.project.create_predictions(uploads)
-        for upload in uploads:
-            summary.done += 1
-            summary.masks += len(upload["result"])
-            summary.empty += not upload["result"]
-        bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=len(summary.failed), refresh=False)
+        upload_predictions(self.project, uploads, deletions, summary, bar, self.dry_run)
 
 
 class RayPrecomputer:
@@ -695,15 +689,8 @@ class RayPrecomputer:
             bar = tqdm(total=total, unit="image", disable=not self.progress, dynamic_ncols=True,
                        desc=f"project {self.project.project} (ray)")
             try:
-                self._walk(data_key, summary, bar)
-            except KeyboardInterrupt:
-                summary.interrupted = True
-                logger.warning("Interrupted after %d task(s); stored images stay stored.", summary.tasks)
-            except LabelStudioError as exc:
-                if summary.tasks == 0:
-                    raise
-                summary.interrupted = True  # Label Studio went away mid-listing; the next run resumes
-                logger.error("%s", exc)
+                with stop_resumably(summary):
+                    self._walk(data_key, summary, bar)
             except RayRunError as exc:
                 summary.interrupted = True
                 logger.error("%s", exc)
