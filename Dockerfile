@@ -41,6 +41,15 @@ COPY pyproject.toml README.md label_config.xml label_config_polygons.xml ./
 COPY sam_backend ./sam_backend
 RUN pip install . && useradd --create-home --uid 1000 sam && mkdir -p /data && chown sam:sam /data
 
+# The AVX-512 attention kernel (README: Attention kernel), compiled once here so
+# that the image needs no compiler; CPUs without AVX-512 keep torch's attention.
+ENV SAM_KERNEL_DIR=/opt/sam-kernels
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && python -m sam_backend.sam.attention_kernel "${SAM_KERNEL_DIR}" \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 USER sam
 # For every process of the container: gunicorn (the entry point below) and its
 # workers, and `sam-backend` commands run in it. `-e LD_PRELOAD=` turns it off.

@@ -10,7 +10,7 @@ from conftest import build_tiny_segmenter, random_image
 torch = pytest.importorskip("torch")
 keras_hub = pytest.importorskip("keras_hub")
 
-from sam_backend.sam import attention  # noqa: E402
+from sam_backend.sam import attention, attention_kernel  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -78,6 +78,8 @@ def count_fused(monkeypatch):
 @pytest.fixture(autouse=True)
 def _fused_on_by_default(monkeypatch):
     monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    # These tests are about the SDPA path; tests/test_attention_kernel.py covers the AVX-512 kernel.
+    monkeypatch.setenv(attention_kernel.ENV_VAR, "0")
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "row-by-row"])

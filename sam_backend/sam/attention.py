@@ -38,6 +38,8 @@ import logging
 import os
 import types
 
+from sam_backend.sam import attention_kernel
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable: ``0``, ``false``, ``off`` or ``no`` keep keras-hub's attention.
@@ -385,6 +387,16 @@ def _block_forward(block, x):
         padded[:, :height, width:] = bias
         padded[:, :height, :width] = qkv
         qkv = padded
+    if attention.use_rel_pos and attention_kernel.handles(qkv, key_dim):
+        # The kernel reads each window of the padded grid and writes its output in place:
+        # (B * rows, size, cols, size, 3, heads, d) -> (3, B * rows, cols, heads, size, size, d).
+        grid = qkv.view(batch * rows, size, cols, size, 3, heads, key_dim).permute(4, 0, 2, 5, 1, 3, 6)
+        out = qkv.new_empty((batch, rows * size, cols * size, heads, key_dim))
+        _kernel_attend(attention, *grid.unbind(0),
+                       out.view(batch * rows, size, cols, size, heads, key_dim).permute(0, 2, 4, 1, 3, 5))
+        out = out.view(batch, rows * size, cols * size, channels)[:, :height, :width]
+        x = x + _dense(attention.projection, out)
+        return x + _mlp(block.mlp_block, block.layer_norm2(x))
     # (B, rows, size, cols, size, 3, heads, d) -> (3, B * rows * cols, heads, size * size, d):
     # keras-hub's window order (row-major over windows, then over the tokens of a window).
     windows = qkv.reshape(batch, rows, size, cols, size, 3, heads, key_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
@@ -458,8 +470,15 @@ def _fused_forward(layer, x):
     batch item here, as in keras-hub.
     """
     batch, height, width, channels = x.shape
+    projected = _dense(layer.qkv, x)
+    if layer.use_rel_pos and attention_kernel.handles(projected, layer.key_dim):
+        # (B, H, W, 3, heads, d) -> (3, B, 1, heads, H, W, d); the output is written as (B, H, W, heads, d).
+        grid = projected.reshape(batch, 1, height, width, 3, layer.num_heads, layer.key_dim).permute(4, 0, 1, 5, 2, 3, 6)
+        out = projected.new_empty((batch, 1, height, width, layer.num_heads, layer.key_dim))
+        _kernel_attend(layer, *grid.unbind(0), out.permute(0, 1, 4, 2, 3, 5))
+        return _dense(layer.projection, out.view(batch, height, width, channels))
     # (B, HW, 3, heads, d) -> (3, B, heads, HW, d), keras-hub's order of the qkv columns.
-    qkv = _dense(layer.qkv, x).reshape(batch, height * width, 3, layer.num_heads, layer.key_dim).permute(2, 0, 3, 1, 4)
+    qkv = projected.reshape(batch, height * width, 3, layer.num_heads, layer.key_dim).permute(2, 0, 3, 1, 4)
     out = _attend(layer, qkv, height, width)
     # (B, heads, HW, d) -> (B, H, W, heads * d), as keras-hub's transpose (0, 2, 3, 1, 4).
     out = out.permute(0, 2, 1, 3).reshape(batch, height, width, channels)
@@ -502,6 +521,20 @@ def _attend(layer, qkv, height: int, width: int):
                     attn_mask=bias, scale=layer.scale,
                 )
     return out
+
+
+def _kernel_attend(layer, queries, keys, values, out):
+    """:func:`attention_kernel.rel_attention` on 6-D views ``(outer, inner, heads, H, W, d)``, bias from the layer's tables."""
+    import torch
+
+    rel = layer.add_decomposed_relative_pe
+    height, width = queries.shape[3], queries.shape[4]
+    table_h = _relative_table(rel.rel_pos_h.value, height, queries.dtype, torch)
+    table_w = _relative_table(rel.rel_pos_w.value, width, queries.dtype, torch)
+    # keras-hub's rel_h / rel_w, from the unscaled queries: (outer * inner, heads, H * W, H or W).
+    rel_h = torch.einsum("oinyxc,ykc->oinyxk", queries, table_h)
+    rel_w = torch.einsum("oinyxc,xkc->oinyxk", queries, table_w)
+    return attention_kernel.rel_attention(queries, keys, values, rel_h, rel_w, layer.scale, out)
 
 
 def _bias_chunks(batch: int, heads: int, height: int, row_bytes: int, budget: int) -> tuple[int, int, int]:

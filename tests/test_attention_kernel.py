@@ -1,0 +1,302 @@
+"""The AVX-512 attention kernel: keras-hub's results, and how it is built, cached and refused."""
+
+import logging
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import TINY_INPUT, random_image
+from test_attention import TOLERANCE, attention_layers, images, randomise_rel_pos, run
+
+torch = pytest.importorskip("torch")
+keras_hub = pytest.importorskip("keras_hub")
+
+from sam_backend.sam import attention, attention_kernel  # noqa: E402
+
+AVX512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
+COMPILER = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+needs_kernel = pytest.mark.skipif(not (AVX512 and COMPILER), reason="the kernel runs on AVX-512 CPUs, built by cc")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_on(monkeypatch):
+    monkeypatch.delenv(attention_kernel.ENV_VAR, raising=False)
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+
+
+@pytest.fixture()
+def fresh_kernel(monkeypatch, tmp_path):
+    """No kernel loaded yet in this process, and an empty cache directory."""
+    monkeypatch.setattr(attention_kernel, "_loaded", {})
+    monkeypatch.setenv(attention_kernel.DIR_ENV_VAR, str(tmp_path / "kernels"))
+    return tmp_path / "kernels"
+
+
+@pytest.fixture()
+def kernel_calls(monkeypatch):
+    calls = []
+    real = attention_kernel.rel_attention
+
+    def counting(queries, *args, **kwargs):
+        calls.append(tuple(queries.shape))
+        return real(queries, *args, **kwargs)
+
+    monkeypatch.setattr(attention_kernel, "rel_attention", counting)
+    return calls
+
+
+def test_kernel_is_there_where_it_can_be():
+    """On an AVX-512 CPU with a C compiler a broken build fails here rather than quietly falling back."""
+    if not (AVX512 and COMPILER):
+        assert attention_kernel.kernel_status() == "unavailable"
+        return
+    assert attention_kernel.kernel() is not None
+    assert attention_kernel.kernel_status() == "avx512"
+
+
+def dense_reference(queries, keys, values, rel_h, rel_w, scale):
+    """The attention written out in float64: scores, full bias, softmax, values."""
+    outer, inner, heads, height, width, size = queries.shape
+    tokens = height * width
+
+    def flat(t):
+        return t.double().reshape(outer * inner, heads, tokens, size)
+
+    bias = (rel_h.double().reshape(-1, heads, tokens, height)[..., :, None]
+            + rel_w.double().reshape(-1, heads, tokens, width)[..., None, :]).reshape(-1, heads, tokens, tokens)
+    scores = scale * flat(queries) @ flat(keys).transpose(-1, -2) + bias
+    return (scores.softmax(-1) @ flat(values)).reshape(queries.shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize("outer,inner,heads,height,width,size", [
+    (1, 1, 2, 8, 8, 64),     # one tile
+    (1, 1, 2, 13, 11, 64),   # 143 tokens: two full tiles of 64 and a tail
+    (2, 3, 2, 5, 7, 32),     # windows: items in two strides
+    (1, 1, 1, 3, 30, 16),    # a row wider than a vector, with a masked tail
+    (1, 2, 3, 9, 9, 80),     # ViT-H's head size
+    (2, 1, 2, 1, 1, 48),     # a single token
+])
+@pytest.mark.parametrize("magnitude", [1.0, 5.0], ids=["normal", "peaked"])
+def test_kernel_matches_dense_attention(outer, inner, heads, height, width, size, magnitude):
+    generator = torch.Generator().manual_seed(height * 100 + width)
+    # As the windowed blocks hand it over: (outer, H, inner, W, 3, heads, d) -> 3 x (outer, inner, heads, H, W, d).
+    qkv = torch.randn(outer, height, inner, width, 3, heads, size, generator=generator)
+    qkv[..., :2, :, :] *= magnitude  # queries and keys: "peaked" scores reach about +-100
+    queries, keys, values = qkv.permute(4, 0, 2, 5, 1, 3, 6).unbind(0)
+    rel_h = torch.randn(outer * inner, heads, height * width, height, generator=generator) * magnitude
+    rel_w = torch.randn(outer * inner, heads, height * width, width, generator=generator)
+    scale = size ** -0.5
+
+    got = attention_kernel.rel_attention(queries, keys, values, rel_h, rel_w, scale)
+
+    expected = dense_reference(queries, keys, values, rel_h, rel_w, scale)
+    assert got.shape == queries.shape
+    # As close to the float64 truth as torch's own float32 attention, or closer.
+    tokens = height * width
+    bias = (rel_h[..., :, None] + rel_w.reshape(-1, heads, tokens, 1, width)).reshape(-1, heads, tokens, tokens)
+    torch_result = torch.nn.functional.scaled_dot_product_attention(
+        *(t.reshape(-1, heads, tokens, size) for t in (queries, keys, values)), attn_mask=bias, scale=scale)
+    torch_error = float((torch_result.double() - expected.reshape(torch_result.shape)).abs().max())
+    assert float((got.double() - expected).abs().max()) <= max(2 * torch_error, 1e-6)
+    if height * width > 1:  # not trivially equal: the bias matters
+        assert float((dense_reference(queries, keys, values, rel_h * 0, rel_w * 0, scale) - expected).abs().max()) > 1e-3
+
+
+@needs_kernel
+def test_kernel_writes_into_a_strided_output():
+    queries = torch.randn(1, 1, 2, 4, 4, 64)
+    rel_h, rel_w = torch.randn(1, 2, 16, 4), torch.randn(1, 2, 16, 4)
+    buffer = torch.full((1, 1, 4, 4, 2, 64), float("nan"))  # (B, 1, H, W, heads, d), as the global path writes
+    out = buffer.permute(0, 1, 4, 2, 3, 5)
+
+    assert attention_kernel.rel_attention(queries, queries, queries, rel_h, rel_w, 0.125, out) is out
+    assert not torch.isnan(buffer).any()
+    torch.testing.assert_close(out.double(), dense_reference(queries, queries, queries, rel_h, rel_w, 0.125),
+                               atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_kernel_refuses_what_it_cannot_read():
+    good = torch.randn(1, 1, 2, 4, 4, 64)
+    rel_h, rel_w = torch.randn(1, 2, 16, 4), torch.randn(1, 2, 16, 4)
+    with pytest.raises(ValueError, match="head size"):
+        attention_kernel.rel_attention(torch.randn(1, 1, 2, 4, 4, 24), good, good, rel_h, rel_w, 0.1)
+    with pytest.raises(ValueError, match="one shape"):
+        attention_kernel.rel_attention(good, good.double(), good, rel_h, rel_w, 0.1)
+    with pytest.raises(ValueError, match="one shape"):
+        attention_kernel.rel_attention(good, good.transpose(-1, -2), good, rel_h, rel_w, 0.1)
+    with pytest.raises(ValueError, match="token grid"):
+        attention_kernel.rel_attention(good, good, good, rel_h[..., :3], rel_w, 0.1)
+
+
+def head64_vitdet(seed: int = 0):
+    """As test_attention.small_vitdet, with SAM's head size of 64 (two heads of 128 channels)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras_hub.models.ViTDetBackbone(
+        hidden_size=128, num_layers=3, intermediate_dim=64, num_heads=2, global_attention_layer_indices=[1],
+        patch_size=16, num_output_channels=16, window_size=3, image_shape=(112, 112, 3), use_rel_pos=True,
+    )
+    randomise_rel_pos(model, seed)
+    return model
+
+
+@needs_kernel
+def test_backbone_with_the_kernel_matches_keras_hub(kernel_calls):
+    model = head64_vitdet()
+    x = images()
+    expected = run(model, x)
+
+    attention.fuse_vitdet_attention(model)
+    got = run(model, x)
+
+    # Windowed blocks: 2 images x 3 x 3 windows of a 7x7 grid padded to 9x9; the global block: 2 x 7x7.
+    assert kernel_calls == [(6, 3, 2, 3, 3, 64), (2, 1, 2, 7, 7, 64), (6, 3, 2, 3, 3, 64)]
+    assert float((got - expected).abs().max()) <= TOLERANCE
+    assert float(expected.abs().max()) > 0.1
+
+
+@needs_kernel
+def test_comparison_catches_a_wrong_bias_in_the_kernel_path(monkeypatch, kernel_calls):
+    model = head64_vitdet()
+    x = images()
+    expected = run(model, x)
+    attention.fuse_vitdet_attention(model)
+    real = attention_kernel.rel_attention
+    # rel_w read backwards along the key axis.
+    monkeypatch.setattr(attention_kernel, "rel_attention",
+                        lambda q, k, v, rel_h, rel_w, scale, out=None: real(q, k, v, rel_h, rel_w.flip(-1), scale, out))
+
+    assert float((run(model, x) - expected).abs().max()) > 1e-2
+
+
+@needs_kernel
+def test_gradients_take_the_sdpa_path(kernel_calls):
+    """The kernel has no backward pass: with autograd on, SDPA runs, and gradients are keras-hub's."""
+    model = head64_vitdet()
+    watched = attention_layers(model)[1].qkv.kernel
+
+    def gradient():
+        x = images().requires_grad_(True)
+        loss = model(x).square().sum()
+        return [g.detach() for g in torch.autograd.grad(loss, [x, watched.value])]
+
+    expected = gradient()
+    attention.fuse_vitdet_attention(model)
+    got = gradient()
+
+    assert kernel_calls == []
+    for g, e in zip(got, expected):
+        assert float((g - e).abs().max()) <= TOLERANCE * max(1.0, float(e.abs().max()))
+
+
+@needs_kernel
+def test_sam_masks_with_the_kernel_match_keras_hub(monkeypatch, kernel_calls):
+    from sam_backend.sam.architectures import SamArchitecture, build_sam
+    from sam_backend.sam.engine import SamEngine
+
+    architecture = SamArchitecture(
+        input_size=TINY_INPUT, encoder_width=64, encoder_depth=2, encoder_heads=1, encoder_mlp=32,
+        window_size=4, global_layers=(1,), embed_dim=8, decoder_heads=2, decoder_mlp=16,
+    )
+    reference_model = build_sam(architecture, 3)
+    randomise_rel_pos(reference_model.backbone.image_encoder, seed=3)
+    kernel_model = build_sam(architecture, 4)
+    kernel_model.set_weights(reference_model.get_weights())
+
+    monkeypatch.setenv(attention.ENV_VAR, "0")
+    reference = SamEngine(reference_model, preset="tiny")
+    monkeypatch.delenv(attention.ENV_VAR)
+    engine = SamEngine(kernel_model, preset="tiny")
+
+    image = random_image(np.random.default_rng(5), 96, 120)
+    ref_emb, emb = reference.encode(image), engine.encode(image)
+    assert len(kernel_calls) == 2  # both blocks ran in the kernel
+    assert float((ref_emb.features - emb.features).abs().max()) <= TOLERANCE
+
+    prompt = dict(points=[[40, 30], [90, 70]], labels=[1, 0], multimask=True)
+    ref_pred, pred = reference.decode(ref_emb, **prompt), engine.decode(emb, **prompt)
+    np.testing.assert_allclose(pred.low_res_logits, ref_pred.low_res_logits, atol=10 * TOLERANCE)
+    assert (pred.masks == ref_pred.masks).mean() > 0.999
+
+
+def test_handles_only_what_it_computes(monkeypatch):
+    x = torch.randn(1, 4, 4, 3 * 64)
+    if attention_kernel.kernel() is not None:
+        assert attention_kernel.handles(x, 64)
+    assert not attention_kernel.handles(x.bfloat16(), 64)
+    assert not attention_kernel.handles(x, 8)  # the tiny test models' head size
+    with torch.enable_grad():
+        assert not attention_kernel.handles(x.requires_grad_(True), 64)
+    monkeypatch.setenv(attention_kernel.ENV_VAR, "off")
+    assert not attention_kernel.handles(torch.randn(1, 4, 4, 3 * 64), 64)
+    assert attention_kernel.kernel_status() == "off"
+
+
+@needs_kernel
+def test_env_var_keeps_sdpa(monkeypatch, kernel_calls):
+    model = head64_vitdet()
+    attention.fuse_vitdet_attention(model)
+    monkeypatch.setenv(attention_kernel.ENV_VAR, "0")
+    run(model, images())
+    assert kernel_calls == []
+
+
+@pytest.mark.skipif(not COMPILER, reason="no C compiler")
+def test_build_is_cached_by_source(fresh_kernel, monkeypatch):
+    library = attention_kernel.build_kernel()
+    assert library.parent == fresh_kernel and library.is_file()
+    assert library.name.startswith("rel_attention-") and library.suffix == ".so"
+    assert oct(fresh_kernel.stat().st_mode & 0o777) == oct(0o700)
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("built twice")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert attention_kernel.build_kernel() == library
+    assert list(fresh_kernel.iterdir()) == [library]  # no half-written files left
+
+
+@pytest.mark.skipif(not COMPILER, reason="no C compiler")
+def test_build_cli(tmp_path):
+    assert attention_kernel.main([str(tmp_path / "image-kernels")]) == 0
+    assert [p.suffix for p in (tmp_path / "image-kernels").iterdir()] == [".so"]
+
+
+def test_failed_build_falls_back_with_a_warning(fresh_kernel, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+
+    with caplog.at_level(logging.WARNING, logger="sam_backend.sam.attention_kernel"):
+        assert attention_kernel.kernel() is None
+        assert attention_kernel.kernel() is None  # decided once
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "stays on SDPA" in warnings[0]
+    assert attention_kernel.kernel_status() == "unavailable"
+    assert not attention_kernel.handles(torch.randn(1, 4, 4, 192), 64)
+
+
+def test_no_avx512_means_no_build(fresh_kernel, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("built for a CPU that cannot run it"))
+    assert attention_kernel.kernel() is None
+    assert not fresh_kernel.exists()
+
+
+@pytest.mark.skipif(not COMPILER, reason="no C compiler")
+def test_a_directory_others_can_write_is_not_trusted(fresh_kernel):
+    library = attention_kernel.build_kernel()
+    fresh_kernel.chmod(0o777)
+    try:
+        with pytest.raises(OSError, match="writable by others"):
+            attention_kernel.build_kernel()
+        assert attention_kernel._cached([fresh_kernel]) is None  # a library already there is not loaded either
+    finally:
+        fresh_kernel.chmod(0o700)
+    assert attention_kernel.build_kernel() == library
