@@ -524,17 +524,10 @@ def _attend(layer, qkv, height: int, width: int):
 
 
 def _kernel_attend(layer, queries, keys, values, out):
-    """:func:`attention_kernel.rel_attention` on 6-D views ``(outer, inner, heads, H, W, d)``, bias from the layer's tables."""
-    import torch
-
+    """:func:`attention_kernel.rel_attention` on 6-D views ``(outer, inner, heads, H, W, d)`` with the layer's tables."""
     rel = layer.add_decomposed_relative_pe
-    height, width = queries.shape[3], queries.shape[4]
-    table_h = _relative_table(rel.rel_pos_h.value, height, queries.dtype, torch)
-    table_w = _relative_table(rel.rel_pos_w.value, width, queries.dtype, torch)
-    # keras-hub's rel_h / rel_w, from the unscaled queries: (outer * inner, heads, H * W, H or W).
-    rel_h = torch.einsum("oinyxc,ykc->oinyxk", queries, table_h)
-    rel_w = torch.einsum("oinyxc,xkc->oinyxk", queries, table_w)
-    return attention_kernel.rel_attention(queries, keys, values, rel_h, rel_w, layer.scale, out)
+    return attention_kernel.rel_attention(queries, keys, values, rel.rel_pos_h.value, rel.rel_pos_w.value,
+                                          layer.scale, out)
 
 
 def _bias_chunks(batch: int, heads: int, height: int, row_bytes: int, budget: int) -> tuple[int, int, int]:

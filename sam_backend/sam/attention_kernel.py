@@ -2,12 +2,12 @@
 
 torch's CPU ``scaled_dot_product_attention`` takes the relative-position bias
 only as a dense ``queries x keys`` mask, which must be built (``rel_h + rel_w``
-broadcast) and read back from memory, and it runs its products as MKL GEMMs
-with an inner size of 64, well below the machine's rate. ``rel_attention.c``
-(beside this file) adds the bias from its two small factors while a tile of
-scores is in cache, and multiplies in register-blocked AVX-512 micro-kernels:
-a ViT-B global block's attention takes about 200 ms on a 2-core Xeon against
-about 320 ms for SDPA plus its bias.
+broadcast, 800 MB for a ViT-B global block) and read back from memory.
+``rel_attention.c`` (beside this file) computes each query's products with the
+layer's two relative-position tables itself, adds them while a tile of scores
+is in cache, and multiplies in register-blocked AVX-512 micro-kernels: a ViT-B
+global block's attention takes about 190 ms on a 2-core Xeon against about
+320 ms for SDPA plus its bias.
 
 The C file is compiled at first use with the system's C compiler (``CC``, or
 ``cc``) into a cache directory (``SAM_KERNEL_DIR``, default
@@ -25,9 +25,9 @@ Example:
     >>> import torch
     >>> from sam_backend.sam.attention_kernel import kernel, rel_attention
     >>> grid = torch.randn(1, 1, 12, 8, 8, 64)        # (outer, inner, heads, H, W, head size)
-    >>> rel_h, rel_w = torch.randn(1, 12, 64, 8), torch.randn(1, 12, 64, 8)
+    >>> table_h, table_w = torch.randn(15, 64), torch.randn(15, 64)
     >>> if kernel() is not None:                      # doctest: +SKIP
-    ...     out = rel_attention(grid, grid, grid, rel_h, rel_w, scale=0.125)
+    ...     out = rel_attention(grid, grid, grid, table_h, table_w, scale=0.125)
 """
 
 from __future__ import annotations
@@ -113,16 +113,17 @@ def handles(queries, key_dim: int) -> bool:
     return kernel() is not None
 
 
-def rel_attention(queries, keys, values, rel_h, rel_w, scale: float, out=None):
-    """Attention of 6-D views ``(outer, inner, heads, H, W, d)`` with the bias ``rel_h[t][y] + rel_w[t][x]``.
+def rel_attention(queries, keys, values, table_h, table_w, scale: float, out=None):
+    """Attention of 6-D views ``(outer, inner, heads, H, W, d)`` with keras-hub's decomposed relative positions.
 
     ``queries``, ``keys``, ``values`` and ``out`` may be any strided views with
     the head size contiguous (for example heads of a fused qkv projection, or
     windows of a padded image): the kernel reads and writes them in place.
-    ``rel_h`` is ``(outer * inner, heads, H * W, H)``-shaped and ``rel_w``
-    ``(..., W)``, both contiguous, from the *unscaled* queries. Scores are
-    ``scale * q . k`` plus the bias, softmax over all keys. Returns ``out``
-    (a new contiguous ``(outer, inner, heads, H, W, d)`` tensor when not given).
+    ``table_h`` (``2H - 1`` rows of ``d``) and ``table_w`` (``2W - 1`` rows)
+    are the layer's relative-position tables: the score of query ``(qy, qx)``
+    against key ``(y, x)`` is ``scale * q . k + q . table_h[qy - y + H - 1] +
+    q . table_w[qx - x + W - 1]``, softmax over all keys. Returns ``out`` (a new
+    contiguous ``(outer, inner, heads, H, W, d)`` tensor when not given).
     """
     import torch
 
@@ -138,14 +139,14 @@ def rel_attention(queries, keys, values, rel_h, rel_w, scale: float, out=None):
     for tensor in tensors:
         if tuple(tensor.shape) != tuple(queries.shape) or tensor.dtype != torch.float32 or tensor.stride(-1) != 1:
             raise ValueError("queries, keys, values and out must be float32 views of one shape, head size contiguous")
-    rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
-    tokens = height * width
-    if rel_h.numel() != outer * inner * heads * tokens * height or rel_w.numel() != outer * inner * heads * tokens * width:
-        raise ValueError("rel_h/rel_w do not match the token grid")
+    table_h, table_w = (t.detach().to(torch.float32).contiguous() for t in (table_h, table_w))
+    if tuple(table_h.shape) != (2 * height - 1, size) or tuple(table_w.shape) != (2 * width - 1, size):
+        raise ValueError(f"relative-position tables of {tuple(table_h.shape)} and {tuple(table_w.shape)} do not "
+                         f"match a {height}x{width} grid of head size {size}")
     strides = (ctypes.c_int64 * 20)(*(s for t in tensors for s in _layout(t)))
-    args = (*(t.data_ptr() for t in tensors), strides, inner, rel_h.data_ptr(), rel_w.data_ptr(),
+    args = (*(t.data_ptr() for t in tensors), strides, inner, table_h.data_ptr(), table_w.data_ptr(),
             heads, height, width, size, float(scale))
-    items = outer * inner * heads * -(-tokens // _TILE)
+    items = outer * inner * heads * -(-(height * width) // _TILE)
     threads = max(1, min(torch.get_num_threads(), items))
     if threads == 1:
         codes = [fn(*args, 0, items)]

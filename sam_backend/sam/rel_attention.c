@@ -1,18 +1,19 @@
 /*
  * Attention with SAM's decomposed relative-position bias, float32, AVX-512.
  *
- * For each (batch item, head) and query t = (qh, qw) on an H x W token grid:
+ * For each (batch item, head) and query t = (qy, qx) on an H x W token grid:
  *
- *     out[t] = softmax_j(scale * q[t] . k[j] + rel_h[t][jh] + rel_w[t][jw]) @ v
+ *     out[t] = softmax_j(scale * q[t] . k[j] + q[t] . Rh[qy - jy + H - 1] + q[t] . Rw[qx - jx + W - 1]) @ v
  *
- * with j = (jh, jw). This is keras-hub's MultiHeadAttentionWithRelativePE
- * after the qkv projection, for head sizes that are multiples of 16 up to 80
- * (SAM's ViT-B and ViT-L have 64, ViT-H 80). torch's CPU flash kernel needs
- * the bias as a dense (queries x keys) mask that must be built and read from
- * memory, and MKL's GEMMs with an inner size of 64 run far below the
- * machine's rate; here the bias is added from its two small factors while
- * the scores are in cache, and the products use register-blocked
- * micro-kernels.
+ * over keys j = (jy, jx), with Rh and Rw the layer's relative-position tables.
+ * This is keras-hub's MultiHeadAttentionWithRelativePE after the qkv
+ * projection, for head sizes that are multiples of 16 up to 80 (SAM's ViT-B
+ * and ViT-L have 64, ViT-H 80). torch's CPU attention takes such a bias only
+ * as a dense (queries x keys) mask, built and then read from memory for every
+ * block (12 x 4096 x 4096 floats for a ViT-B global block); here each query's
+ * products with the two tables (2H - 1 and 2W - 1 rows) are computed once and
+ * added while its scores are in cache, and all products run in
+ * register-blocked micro-kernels.
  *
  * Work is split into items of (batch item x head, tile of TQ queries); the
  * caller runs ranges of items on its own threads (no OpenMP runtime beside
@@ -117,6 +118,14 @@ static inline int64_t base(const layout *l, int64_t n, int64_t inner, int64_t h)
     return (n / inner) * l->outer + (n % inner) * l->inner + h * l->head;
 }
 
+/* Panels of KB transposed rows (d x KB each, zero beyond rows) of a (rows x d) matrix whose row i is at m + i * stride. */
+static void pack_panels(const float *m, int64_t stride, int64_t rows, int64_t padded, int64_t d, float factor, float *panels) {
+    for (int64_t i = 0; i < padded; i++) {
+        float *column = panels + (i / KB) * (d * KB) + i % KB;
+        for (int64_t c = 0; c < d; c++) column[c * KB] = i < rows ? m[i * stride + c] * factor : 0.0f;
+    }
+}
+
 /*
  * Work items [begin, end) of the grid (item, head, tile of TQ queries).
  *
@@ -125,14 +134,16 @@ static inline int64_t base(const layout *l, int64_t n, int64_t inner, int64_t h)
  * head, token row, token column (a token t is at row t / width, column
  * t % width). So a window of a padded image, or a head of a fused qkv
  * projection, is read and written in place.
- * rel_h: (items, heads, height * width, height) and rel_w: (..., width),
- * contiguous: the bias of query t against key (y, x) is rel_h[t][y] + rel_w[t][x].
+ * table_h: (2 * height - 1) x d and table_w: (2 * width - 1) x d, contiguous:
+ * the bias of query (qy, qx) against key (y, x) is
+ * q . table_h[qy - y + height - 1] + q . table_w[qx - x + width - 1]
+ * (keras-hub's decomposed relative positions, from the unscaled query).
  * Returns 0, -1 when scratch memory could not be had, -2 for an unsupported d.
  */
 int sam_rel_attention(
     const float *q, const float *k, const float *v, float *out,
     const int64_t *strides, int64_t inner,
-    const float *rel_h, const float *rel_w,
+    const float *table_h, const float *table_w,
     int64_t heads, int64_t height, int64_t width, int64_t d, float scale,
     int64_t begin, int64_t end)
 {
@@ -144,28 +155,35 @@ int sam_rel_attention(
     /* Rows of scores one cache line more than a multiple of 4 KiB apart would share L1 sets. */
     const int64_t ks = kp % 1024 ? kp : kp + 16;
     const int64_t tiles = (tokens + TQ - 1) / TQ;
+    /* Relative positions: each query's products with every row of the two tables. */
+    const int64_t ph = round_up(2 * height - 1, KB), pw = round_up(2 * width - 1, KB);
     float *kt = aligned_alloc(64, (size_t)(d * kp) * sizeof(float));
     float *vp = aligned_alloc(64, (size_t)(kp * d) * sizeof(float));
     float *s = aligned_alloc(64, (size_t)(TQ * ks) * sizeof(float));
     float *qs = aligned_alloc(64, (size_t)(TQ * d) * sizeof(float));
     float *acc = aligned_alloc(64, (size_t)(TQ * d) * sizeof(float));
-    if (!kt || !vp || !s || !qs || !acc) {
-        free(kt); free(vp); free(s); free(qs); free(acc);
+    float *th = aligned_alloc(64, (size_t)(d * (ph + pw)) * sizeof(float));
+    float *rel = aligned_alloc(64, (size_t)(TQ * (ph + pw) + 2 * round_up(width, 16)) * sizeof(float));
+    if (!kt || !vp || !s || !qs || !acc || !th || !rel) {
+        free(kt); free(vp); free(s); free(qs); free(acc); free(th); free(rel);
         return -1;
     }
+    float *tw = th + d * ph, *rel_w = rel + TQ * ph, *rw = rel + TQ * (ph + pw);
+    pack_panels(table_h, d, 2 * height - 1, ph, d, 1.0f, th);
+    pack_panels(table_w, d, 2 * width - 1, pw, d, 1.0f, tw);
     const __mmask16 tail_w = (__mmask16)((1u << (width % 16)) - 1u);
     int64_t packed = -1;
     for (int64_t item = begin; item < end; item++) {
         const int64_t bh = item / tiles, tile = item % tiles;
         const int64_t n = bh / heads, h = bh % heads;
         if (bh != packed) {
-            /* Keys as panels of KB transposed keys (d x KB each), values as rows (kp x d); padding zero. */
+            /* Keys (times the scale) as panels, values as rows (kp x d); padding zero. */
             const float *kb = k + base(lk, n, inner, h), *vb = v + base(lv, n, inner, h);
             for (int64_t y = 0, j = 0; y < height; y++)
                 for (int64_t x = 0; x < width; x++, j++) {
                     const float *kr = kb + y * lk->row + x * lk->col;
                     float *panel = kt + (j / KB) * (d * KB) + j % KB;
-                    for (int c = 0; c < d; c++) panel[c * KB] = kr[c];
+                    for (int c = 0; c < d; c++) panel[c * KB] = kr[c] * scale;
                     memcpy(vp + j * d, vb + y * lv->row + x * lv->col, d * sizeof(float));
                 }
             for (int64_t j = tokens; j < kp; j++) {
@@ -181,8 +199,7 @@ int sam_rel_attention(
         const float *qb = q + base(lq, n, inner, h);
         for (int64_t r = 0, y = t0 / width, x = t0 % width; r < padded; r++) {
             if (r < rows) {
-                const float *qr = qb + y * lq->row + x * lq->col;
-                for (int c = 0; c < d; c++) qs[r * d + c] = qr[c] * scale;
+                memcpy(qs + r * d, qb + y * lq->row + x * lq->col, d * sizeof(float));
                 if (++x == width) x = 0, y++;
             } else {
                 memset(qs + r * d, 0, d * sizeof(float));
@@ -191,17 +208,23 @@ int sam_rel_attention(
         /* Panel by panel, so that each stays in L1 for all the tile's queries. */
         for (int64_t j = 0; j < kp; j += KB)
             for (int r = 0; r < padded; r += 8) scores8(qs + r * d, (int)d, kt + j * d, s + r * ks + j, ks);
+        for (int r = 0; r < padded; r += 8) {
+            for (int64_t j = 0; j < ph; j += KB) scores8(qs + r * d, (int)d, th + j * d, rel + r * ph + j, ph);
+            for (int64_t j = 0; j < pw; j += KB) scores8(qs + r * d, (int)d, tw + j * d, rel_w + r * pw + j, pw);
+        }
 
         float inv[TQ];
-        for (int r = 0; r < rows; r++) {
+        for (int64_t r = 0, qy = t0 / width, qx = t0 % width; r < rows; r++) {
             float *sr = s + r * ks;
-            const float *rh = rel_h + (bh * tokens + t0 + r) * height;
-            const float *rw = rel_w + (bh * tokens + t0 + r) * width;
+            /* This query's bias terms: rh[y] = q . table_h[qy - y + H - 1], rw[x] likewise. */
+            const float *rh = rel + r * ph + qy + height - 1, *pwr = rel_w + r * pw + qx + width - 1;
+            for (int64_t x = 0; x < width; x++) rw[x] = pwr[-x];
+            if (++qx == width) qx = 0, qy++;
             /* Add the bias and find the row's maximum. */
             __m512 mx = _mm512_set1_ps(-__builtin_inff());
             for (int64_t y = 0; y < height; y++) {
                 float *sy = sr + y * width;
-                const __m512 bh_y = _mm512_set1_ps(rh[y]);
+                const __m512 bh_y = _mm512_set1_ps(rh[-y]);
                 int64_t x = 0;
                 for (; x + 16 <= width; x += 16) {
                     __m512 t = _mm512_add_ps(_mm512_loadu_ps(sy + x), _mm512_add_ps(bh_y, _mm512_loadu_ps(rw + x)));
@@ -251,6 +274,6 @@ int sam_rel_attention(
             for (int c = 0; c < d; c += 16) _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_load_ps(acc + r * d + c), f));
         }
     }
-    free(kt); free(vp); free(s); free(qs); free(acc);
+    free(kt); free(vp); free(s); free(qs); free(acc); free(th); free(rel);
     return 0;
 }
