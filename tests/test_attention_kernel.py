@@ -298,6 +298,13 @@ def test_failed_build_falls_back_with_a_warning(fresh_kernel, monkeypatch, caplo
     assert not attention_kernel.handles(torch.randn(1, 4, 4, 192), 64)
 
 
+def test_other_systems_keep_sdpa(fresh_kernel, monkeypatch):
+    monkeypatch.setattr(attention_kernel.sys, "platform", "win32")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("built where it is not supported"))
+    assert attention_kernel.kernel() is None
+    assert not fresh_kernel.exists()
+
+
 def test_no_avx512_means_no_build(fresh_kernel, monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("built for a CPU that cannot run it"))

@@ -23,6 +23,13 @@ projections on the real tokens only, not on the window padding, and under
 autocast (the bfloat16 encoder of ``sam_backend.sam.precision``) every block
 runs its linear layers in bfloat16 with the bias inside.
 
+On CPUs with AVX-512, float32 inference goes one step further: the patched
+layers and blocks hand queries, keys and values, as strided views of the qkv
+projection, to :mod:`sam_backend.sam.attention_kernel`, whose C kernel adds the
+bias from the relative-position tables itself (no bias tensor at all) and
+writes its output in the layout the projection reads. SDPA remains the path
+for everything else: bfloat16, GPUs, autograd, other CPUs.
+
 Nothing else changes: the weights are keras-hub's own variables, read at each
 call (so training updates them as usual), and presets load and save exactly as
 before. A layer is only patched when its class's source is the one this code

@@ -38,6 +38,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -222,6 +223,9 @@ def build_kernel(directory: str | os.PathLike | None = None, compiler: str | Non
 def _load():
     import torch
 
+    if not sys.platform.startswith("linux"):
+        logger.info("Attention kernel: built on Linux only; attention stays on SDPA on %s.", sys.platform)
+        return None
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability:
         logger.info("Attention kernel: this CPU runs torch at %s, not AVX-512; attention stays on SDPA.", capability)
@@ -276,8 +280,6 @@ def _cache_dirs() -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sam_backend.sam.attention_kernel [DIRECTORY]``: build the kernel ahead of time (Docker images)."""
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
