@@ -235,18 +235,21 @@ def test_enabled_by_default_and_idempotent(monkeypatch):
     assert torch.equal(run(model, x), expected)
 
 
-def test_windowed_blocks_project_only_real_tokens(count_fused):
+def test_windowed_blocks_project_only_real_tokens(monkeypatch, count_fused):
     """The qkv projection of a windowed block sees the 7x7 token grid, not the 9x9 padded windows."""
     model = small_vitdet()
     x = images()
     expected = run(model, x)
     shapes = []
-    for layer in attention_layers(model):
-        def recording(inputs, _real=layer.qkv.call):
-            shapes.append(tuple(inputs.shape))
-            return _real(inputs)
-        layer.qkv.call = recording
+    qkv_layers = [layer.qkv for layer in attention_layers(model)]
+    real_dense = attention._dense
 
+    def recording(layer, inputs, *args, **kwargs):
+        if any(layer is qkv for qkv in qkv_layers):
+            shapes.append(tuple(inputs.shape))
+        return real_dense(layer, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_dense", recording)
     assert attention.fuse_vitdet_attention(model) == 3
     got = run(model, x)
 

@@ -192,15 +192,16 @@ def test_comparison_catches_a_wrong_bias_in_the_kernel_path(monkeypatch, kernel_
 
 
 @needs_kernel
-def test_gradients_take_the_sdpa_path(kernel_calls):
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-and-weights", "weights-only"])
+def test_gradients_take_the_sdpa_path(kernel_calls, input_grad):
     """The kernel has no backward pass: with autograd on, SDPA runs, and gradients are keras-hub's."""
     model = head64_vitdet()
-    watched = attention_layers(model)[1].qkv.kernel
+    watched = [attention_layers(model)[0].qkv.kernel.value, attention_layers(model)[1].qkv.kernel.value]
 
     def gradient():
-        x = images().requires_grad_(True)
+        x = images().requires_grad_(input_grad)
         loss = model(x).square().sum()
-        return [g.detach() for g in torch.autograd.grad(loss, [x, watched.value])]
+        return [g.detach() for g in torch.autograd.grad(loss, ([x] if input_grad else []) + watched)]
 
     expected = gradient()
     attention.fuse_vitdet_attention(model)
@@ -243,14 +244,16 @@ def test_sam_masks_with_the_kernel_match_keras_hub(monkeypatch, kernel_calls):
 
 def test_handles_only_what_it_computes(monkeypatch):
     x = torch.randn(1, 4, 4, 3 * 64)
-    if attention_kernel.kernel() is not None:
-        assert attention_kernel.handles(x, 64)
-    assert not attention_kernel.handles(x.bfloat16(), 64)
-    assert not attention_kernel.handles(x, 8)  # the tiny test models' head size
-    with torch.enable_grad():
-        assert not attention_kernel.handles(x.requires_grad_(True), 64)
+    with torch.inference_mode():
+        assert attention_kernel.handles(x, 64) == (attention_kernel.kernel() is not None)
+        assert not attention_kernel.handles(x.bfloat16(), 64)
+        assert not attention_kernel.handles(x, 8)  # the tiny test models' head size
+    with torch.no_grad():
+        assert attention_kernel.handles(x, 64) == (attention_kernel.kernel() is not None)
+    assert not attention_kernel.handles(x, 64)  # autograd on: weights may want gradients
     monkeypatch.setenv(attention_kernel.ENV_VAR, "off")
-    assert not attention_kernel.handles(torch.randn(1, 4, 4, 3 * 64), 64)
+    with torch.inference_mode():
+        assert not attention_kernel.handles(x, 64)
     assert attention_kernel.kernel_status() == "off"
 
 
@@ -295,7 +298,8 @@ def test_failed_build_falls_back_with_a_warning(fresh_kernel, monkeypatch, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "stays on SDPA" in warnings[0]
     assert attention_kernel.kernel_status() == "unavailable"
-    assert not attention_kernel.handles(torch.randn(1, 4, 4, 192), 64)
+    with torch.inference_mode():
+        assert not attention_kernel.handles(torch.randn(1, 4, 4, 192), 64)
 
 
 def test_other_systems_keep_sdpa(fresh_kernel, monkeypatch):

@@ -368,20 +368,31 @@ def _patched_block_call(self, x):
 
     if not (isinstance(x, torch.Tensor) and x.ndim == 4 and x.device.type != "meta"):
         return type(self).call(self, x)
-    if self.window_size == 0 and not torch.is_autocast_enabled(x.device.type):
-        return type(self).call(self, x)  # a global block in float32: keras-hub's call is already all it can be
     return _block_forward(self, x)
 
 
 def _block_forward(block, x):
-    """keras-hub's ``WindowedTransformerEncoder.call``: windowed projections on real tokens, autocast-aware linears."""
-    attention = block.attention
-    if block.window_size == 0:
-        x = x + attention(block.layer_norm1(x))
-        return x + _mlp(block.mlp_block, block.layer_norm2(x))
+    """keras-hub's ``WindowedTransformerEncoder.call``: windowed projections on real tokens, autocast-aware linears.
 
-    size, heads, key_dim = block.window_size, attention.num_heads, attention.key_dim
+    Residuals are added into the projections' outputs (:func:`_dense`), and
+    where the attention kernel runs it reads the qkv projection and writes the
+    attention output in place.
+    """
+    import torch
+
+    attention = block.attention
+    heads, key_dim = attention.num_heads, attention.key_dim
     batch, height, width, channels = x.shape
+    kernel = attention.use_rel_pos and attention_kernel.handles(x, key_dim)
+    if block.window_size == 0:
+        if kernel and _fusable(attention, x, torch):
+            qkv = _dense(attention.qkv, block.layer_norm1(x))
+            x = _dense(attention.projection, _kernel_grid(attention, qkv, batch, 1, 1, height, width), residual=x)
+        else:
+            x = x + attention(block.layer_norm1(x))
+        return _mlp(block.mlp_block, block.layer_norm2(x), residual=x)
+
+    size = block.window_size
     pad_h, pad_w = (-height) % size, (-width) % size
     rows, cols = (height + pad_h) // size, (width + pad_w) // size
 
@@ -394,54 +405,77 @@ def _block_forward(block, x):
         padded[:, :height, width:] = bias
         padded[:, :height, :width] = qkv
         qkv = padded
-    if attention.use_rel_pos and attention_kernel.handles(qkv, key_dim):
-        # The kernel reads each window of the padded grid and writes its output in place:
-        # (B * rows, size, cols, size, 3, heads, d) -> (3, B * rows, cols, heads, size, size, d).
-        grid = qkv.view(batch * rows, size, cols, size, 3, heads, key_dim).permute(4, 0, 2, 5, 1, 3, 6)
-        out = qkv.new_empty((batch, rows * size, cols * size, heads, key_dim))
-        _kernel_attend(attention, *grid.unbind(0),
-                       out.view(batch * rows, size, cols, size, heads, key_dim).permute(0, 2, 4, 1, 3, 5))
-        out = out.view(batch, rows * size, cols * size, channels)[:, :height, :width]
-        x = x + _dense(attention.projection, out)
-        return x + _mlp(block.mlp_block, block.layer_norm2(x))
-    # (B, rows, size, cols, size, 3, heads, d) -> (3, B * rows * cols, heads, size * size, d):
-    # keras-hub's window order (row-major over windows, then over the tokens of a window).
-    windows = qkv.reshape(batch, rows, size, cols, size, 3, heads, key_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
-    out = _attend(attention, windows.reshape(3, batch * rows * cols, heads, size * size, key_dim), size, size)
-    # (B, rows, cols, heads, size, size, d) -> (B, rows, size, cols, size, heads, d), then crop the padding.
-    out = out.reshape(batch, rows, cols, heads, size, size, key_dim).permute(0, 1, 4, 2, 5, 3, 6)
-    out = out.reshape(batch, rows * size, cols * size, channels)[:, :height, :width]
-    x = x + _dense(attention.projection, out)
-    return x + _mlp(block.mlp_block, block.layer_norm2(x))
+    if kernel:
+        out = _kernel_grid(attention, qkv, batch, rows, cols, size, size)
+    else:
+        # (B, rows, size, cols, size, 3, heads, d) -> (3, B * rows * cols, heads, size * size, d):
+        # keras-hub's window order (row-major over windows, then over the tokens of a window).
+        windows = qkv.reshape(batch, rows, size, cols, size, 3, heads, key_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        out = _attend(attention, windows.reshape(3, batch * rows * cols, heads, size * size, key_dim), size, size)
+        # (B, rows, cols, heads, size, size, d) -> (B, rows, size, cols, size, heads, d).
+        out = out.reshape(batch, rows, cols, heads, size, size, key_dim).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(batch, rows * size, cols * size, channels)
+    x = _dense(attention.projection, out[:, :height, :width], residual=x)  # the padding cropped
+    return _mlp(block.mlp_block, block.layer_norm2(x), residual=x)
 
 
-def _dense(layer, x):
-    """keras ``Dense`` ``layer`` on ``x``: keras's own call, or under autocast one ``linear`` in its dtype.
+def _kernel_grid(attention, qkv, batch: int, rows: int, cols: int, size_h: int, size_w: int):
+    """The attention kernel on ``qkv`` ``(B, rows * size_h, cols * size_w, 3 * C)``, window by window: ``(B, ..., C)``.
 
-    Under autocast ``linear`` casts the input, the kernel and the bias alike,
-    so the bias is added inside the multiply and the output stays in
-    autocast's dtype (keras adds a float32 bias after a bfloat16 matmul).
+    The kernel reads each window's queries, keys and values in place and
+    writes its output in the token layout the output projection reads.
+    """
+    heads, key_dim = attention.num_heads, attention.key_dim
+    # (B * rows, size_h, cols, size_w, 3, heads, d) -> (3, B * rows, cols, heads, size_h, size_w, d).
+    grid = qkv.view(batch * rows, size_h, cols, size_w, 3, heads, key_dim).permute(4, 0, 2, 5, 1, 3, 6)
+    out = qkv.new_empty((batch, rows * size_h, cols * size_w, heads, key_dim))
+    _kernel_attend(attention, *grid.unbind(0),
+                   out.view(batch * rows, size_h, cols, size_w, heads, key_dim).permute(0, 2, 4, 1, 3, 5))
+    return out.view(batch, rows * size_h, cols * size_w, heads * key_dim)
+
+
+def _dense(layer, x, residual=None):
+    """keras ``Dense`` ``layer`` on ``x``, plus ``residual`` when given.
+
+    With autograd on, keras's own call. Under autocast, one ``linear`` in
+    autocast's dtype: it casts the input, the kernel and the bias alike, so
+    the bias is added inside the multiply (keras adds a float32 bias after a
+    bfloat16 matmul). Otherwise one matrix multiply, then the bias and the
+    residual added in place, into the product (no tensor per addition).
     """
     import torch
     import torch.nn.functional as F
 
-    if not torch.is_autocast_enabled(x.device.type):
-        return layer(x)
     bias = layer.bias.value if layer.use_bias else None
-    # As one matrix: a strided 4-D input (a cropped window grid) would make linear a batched matmul.
-    out = F.linear(x.reshape(-1, x.shape[-1]), layer.kernel.value.t(), bias)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    if torch.is_autocast_enabled(x.device.type):
+        # As one matrix: a strided 4-D input (a cropped window grid) would make linear a batched matmul.
+        out = F.linear(x.reshape(-1, x.shape[-1]), layer.kernel.value.t(), bias)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+    elif torch.is_grad_enabled():
+        out = layer(x)
+    else:
+        out = torch.mm(x.reshape(-1, x.shape[-1]), layer.kernel.value)
+        if bias is not None:
+            out.add_(bias)
+        if residual is not None:
+            return out.add_(residual.reshape(out.shape)).reshape(residual.shape)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if residual is None else residual + out
 
 
-def _mlp(mlp, x):
-    """keras-hub's ``MLP`` (Dense, GELU, Dense) on ``x``; under autocast in its dtype throughout."""
+def _mlp(mlp, x, residual=None):
+    """keras-hub's ``MLP`` (Dense, GELU, Dense) on ``x``, plus ``residual``; under autocast in its dtype throughout."""
     import torch
     import torch.nn.functional as F
 
-    if not torch.is_autocast_enabled(x.device.type):
-        return mlp(x)
+    if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+        out = mlp(x)
+        return out if residual is None else residual + out
     first, _, second = mlp.dense_net.layers
-    return _dense(second, F.gelu(_dense(first, x)))  # keras's "gelu" is the exact (erf) one
+    hidden = _dense(first, x)
+    # keras's "gelu" is the exact (erf) one; in place where no gradient needs the input.
+    hidden = F.gelu(hidden) if torch.is_grad_enabled() else torch.ops.aten.gelu_(hidden)
+    return _dense(second, hidden, residual)
 
 
 # ------------------------------------------------------------------ fused path
@@ -479,11 +513,7 @@ def _fused_forward(layer, x):
     batch, height, width, channels = x.shape
     projected = _dense(layer.qkv, x)
     if layer.use_rel_pos and attention_kernel.handles(projected, layer.key_dim):
-        # (B, H, W, 3, heads, d) -> (3, B, 1, heads, H, W, d); the output is written as (B, H, W, heads, d).
-        grid = projected.reshape(batch, 1, height, width, 3, layer.num_heads, layer.key_dim).permute(4, 0, 1, 5, 2, 3, 6)
-        out = projected.new_empty((batch, 1, height, width, layer.num_heads, layer.key_dim))
-        _kernel_attend(layer, *grid.unbind(0), out.permute(0, 1, 4, 2, 3, 5))
-        return _dense(layer.projection, out.view(batch, height, width, channels))
+        return _dense(layer.projection, _kernel_grid(layer, projected, batch, 1, 1, height, width))
     # (B, HW, 3, heads, d) -> (3, B, heads, HW, d), keras-hub's order of the qkv columns.
     qkv = projected.reshape(batch, height * width, 3, layer.num_heads, layer.key_dim).permute(2, 0, 3, 1, 4)
     out = _attend(layer, qkv, height, width)

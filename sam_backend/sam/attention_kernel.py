@@ -109,8 +109,8 @@ def handles(queries, key_dim: int) -> bool:
 
     if queries.dtype != torch.float32 or queries.device.type != "cpu" or key_dim not in HEAD_SIZES:
         return False
-    if torch.is_grad_enabled() and queries.requires_grad:
-        return False  # the kernel has no backward pass
+    if torch.is_grad_enabled():
+        return False  # the kernel has no backward pass: weights may need gradients even when the input does not
     return kernel() is not None
 
 
