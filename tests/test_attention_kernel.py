@@ -248,6 +248,8 @@ def test_handles_only_what_it_computes(monkeypatch):
         assert attention_kernel.handles(x, 64) == (attention_kernel.kernel() is not None)
         assert not attention_kernel.handles(x.bfloat16(), 64)
         assert not attention_kernel.handles(x, 8)  # the tiny test models' head size
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not attention_kernel.handles(x, 64)  # float32 residuals, bfloat16 projections
     with torch.no_grad():
         assert attention_kernel.handles(x, 64) == (attention_kernel.kernel() is not None)
     assert not attention_kernel.handles(x, 64)  # autograd on: weights may want gradients
@@ -255,6 +257,19 @@ def test_handles_only_what_it_computes(monkeypatch):
     with torch.inference_mode():
         assert not attention_kernel.handles(x, 64)
     assert attention_kernel.kernel_status() == "off"
+
+
+@needs_kernel
+def test_bfloat16_autocast_keeps_sdpa(kernel_calls):
+    """Under autocast (the bfloat16 encoder) the residuals are float32 but the projections are not: SDPA runs."""
+    model = head64_vitdet()
+    x = images()
+    expected = run(model, x)
+    attention.fuse_vitdet_attention(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(model, x)
+    assert kernel_calls == []
+    assert float((got.float() - expected).abs().max()) <= 0.05 * float(expected.abs().max())
 
 
 @needs_kernel

@@ -437,7 +437,8 @@ def _kernel_grid(attention, qkv, batch: int, rows: int, cols: int, size_h: int, 
 def _dense(layer, x, residual=None):
     """keras ``Dense`` ``layer`` on ``x``, plus ``residual`` when given.
 
-    With autograd on, keras's own call. Under autocast, one ``linear`` in
+    With autograd on (or an input not in the kernel's dtype), keras's own
+    call. Under autocast, one ``linear`` in
     autocast's dtype: it casts the input, the kernel and the bias alike, so
     the bias is added inside the multiply (keras adds a float32 bias after a
     bfloat16 matmul). Otherwise one matrix multiply, then the bias and the
@@ -451,8 +452,8 @@ def _dense(layer, x, residual=None):
         # As one matrix: a strided 4-D input (a cropped window grid) would make linear a batched matmul.
         out = F.linear(x.reshape(-1, x.shape[-1]), layer.kernel.value.t(), bias)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
-    elif torch.is_grad_enabled():
-        out = layer(x)
+    elif torch.is_grad_enabled() or x.dtype != layer.kernel.value.dtype:
+        out = layer(x)  # keras's own: gradients, or a dtype policy's casts
     else:
         out = torch.mm(x.reshape(-1, x.shape[-1]), layer.kernel.value)
         if bias is not None:

@@ -104,11 +104,13 @@ def kernel_status() -> str:
 
 
 def handles(queries, key_dim: int) -> bool:
-    """Whether :func:`rel_attention` can take these queries: float32, on the CPU, a head size it knows, no autograd."""
+    """Whether :func:`rel_attention` can take these queries: float32 on the CPU (no autocast), a head size it knows, no autograd."""
     import torch
 
     if queries.dtype != torch.float32 or queries.device.type != "cpu" or key_dim not in HEAD_SIZES:
         return False
+    if torch.is_autocast_enabled("cpu"):
+        return False  # reduced precision was asked for; the kernel computes in float32
     if torch.is_grad_enabled():
         return False  # the kernel has no backward pass: weights may need gradients even when the input does not
     return kernel() is not None
