@@ -6,8 +6,8 @@ broadcast, 800 MB for a ViT-B global block) and read back from memory.
 ``rel_attention.c`` (beside this file) computes each query's products with the
 layer's two relative-position tables itself, adds them while a tile of scores
 is in cache, and multiplies in register-blocked AVX-512 micro-kernels: a ViT-B
-global block's attention takes about 190 ms on a 2-core Xeon against about
-320 ms for SDPA plus its bias.
+global block's attention takes about 210 ms on a 2-core Xeon against about
+330 ms for SDPA plus its bias (``bench/attention_kernel.py``).
 
 The C file is compiled at first use with the system's C compiler (``CC``, or
 ``cc``) into a cache directory (``SAM_KERNEL_DIR``, default
