@@ -84,7 +84,9 @@ def main() -> None:
             return attention._attend(layer, flat, height, width)
 
         def kernel():
-            return attention._kernel_attend(layer, *grid.unbind(0), None)
+            rel = layer.add_decomposed_relative_pe
+            return attention_kernel.rel_attention(*grid.unbind(0), rel.rel_pos_h.value, rel.rel_pos_w.value,
+                                                  layer.scale)
 
         with torch.inference_mode():
             difference = float((sdpa() - kernel().reshape(items, heads, tokens, HEAD)).abs().max())

@@ -37,14 +37,15 @@ def fresh_kernel(monkeypatch, tmp_path):
 
 @pytest.fixture()
 def kernel_calls(monkeypatch):
+    """The model's calls of the kernel: (qkv shape, window) each."""
     calls = []
-    real = attention_kernel.rel_attention
+    real = attention_kernel.rel_attention_windows
 
-    def counting(queries, *args, **kwargs):
-        calls.append(tuple(queries.shape))
-        return real(queries, *args, **kwargs)
+    def counting(qkv, heads, window, *args, **kwargs):
+        calls.append((tuple(qkv.shape), window))
+        return real(qkv, heads, window, *args, **kwargs)
 
-    monkeypatch.setattr(attention_kernel, "rel_attention", counting)
+    monkeypatch.setattr(attention_kernel, "rel_attention_windows", counting)
     return calls
 
 
@@ -122,6 +123,35 @@ def test_kernel_matches_dense_attention(outer, inner, heads, height, width, size
 
 
 @needs_kernel
+@pytest.mark.parametrize("grid_h,grid_w,window", [(5, 7, 3), (6, 6, 3), (4, 9, 0), (1, 2, 2)])
+def test_windows_match_padding_then_attention(grid_h, grid_w, window):
+    """rel_attention_windows equals: pad the grid with the padding tokens, attend per window, crop."""
+    generator = torch.Generator().manual_seed(grid_h * 10 + grid_w)
+    batch, heads, size = 2, 2, 32
+    channels = heads * size
+    qkv = torch.randn(batch, grid_h, grid_w, 3 * channels, generator=generator)
+    padding = torch.randn(3 * channels, generator=generator)
+    height, width = (window, window) if window else (grid_h, grid_w)
+    table_h = torch.randn(2 * height - 1, size, generator=generator)
+    table_w = torch.randn(2 * width - 1, size, generator=generator)
+
+    got = attention_kernel.rel_attention_windows(qkv, heads, window, table_h, table_w, 0.2, padding)
+
+    rows, cols = -(-grid_h // height), -(-grid_w // width)
+    padded = padding.expand(batch, rows * height, cols * width, 3 * channels).clone()
+    padded[:, :grid_h, :grid_w] = qkv
+    # (B * rows, height, cols, width, 3, heads, d) -> 3 x (B * rows, cols, heads, height, width, d)
+    views = padded.view(batch * rows, height, cols, width, 3, heads, size).permute(4, 0, 2, 5, 1, 3, 6)
+    expected = dense_reference(*views.unbind(0), table_h, table_w, 0.2)  # (B * rows, cols, heads, h, w, d)
+    expected = expected.permute(0, 3, 1, 4, 2, 5).reshape(batch, rows * height, cols * width, channels)
+    assert got.shape == (batch, grid_h, grid_w, channels)
+    assert float((got.double() - expected[:, :grid_h, :grid_w]).abs().max()) <= 1e-5
+    if window and (grid_h % window or grid_w % window):  # the padding tokens are keys: they matter
+        zero_padded = attention_kernel.rel_attention_windows(qkv, heads, window, table_h, table_w, 0.2)
+        assert float((zero_padded - got).abs().max()) > 1e-3
+
+
+@needs_kernel
 def test_kernel_writes_into_a_strided_output():
     queries = torch.randn(1, 1, 2, 4, 4, 64)
     table_h, table_w = torch.randn(7, 64), torch.randn(7, 64)
@@ -170,8 +200,8 @@ def test_backbone_with_the_kernel_matches_keras_hub(kernel_calls):
     attention.fuse_vitdet_attention(model)
     got = run(model, x)
 
-    # Windowed blocks: 2 images x 3 x 3 windows of a 7x7 grid padded to 9x9; the global block: 2 x 7x7.
-    assert kernel_calls == [(6, 3, 2, 3, 3, 64), (2, 1, 2, 7, 7, 64), (6, 3, 2, 3, 3, 64)]
+    # Windowed blocks: 3 x 3 windows of 3x3 over each 7x7 grid (padded to 9x9 by the kernel); the global block.
+    assert kernel_calls == [((2, 7, 7, 384), 3), ((2, 7, 7, 384), 0), ((2, 7, 7, 384), 3)]
     assert float((got - expected).abs().max()) <= TOLERANCE
     assert float(expected.abs().max()) > 0.1
 
@@ -182,11 +212,11 @@ def test_comparison_catches_a_wrong_bias_in_the_kernel_path(monkeypatch, kernel_
     x = images()
     expected = run(model, x)
     attention.fuse_vitdet_attention(model)
-    real = attention_kernel.rel_attention
+    real = attention_kernel.rel_attention_windows
     # The column table read backwards: key minus query instead of query minus key.
-    monkeypatch.setattr(attention_kernel, "rel_attention",
-                        lambda q, k, v, table_h, table_w, scale, out=None: real(q, k, v, table_h, table_w.flip(0),
-                                                                                 scale, out))
+    monkeypatch.setattr(attention_kernel, "rel_attention_windows",
+                        lambda qkv, heads, window, table_h, table_w, *rest: real(qkv, heads, window, table_h,
+                                                                                 table_w.flip(0), *rest))
 
     assert float((run(model, x) - expected).abs().max()) > 1e-2
 

@@ -375,63 +375,56 @@ def _block_forward(block, x):
     """keras-hub's ``WindowedTransformerEncoder.call``: windowed projections on real tokens, autocast-aware linears.
 
     Residuals are added into the projections' outputs (:func:`_dense`), and
-    where the attention kernel runs it reads the qkv projection and writes the
-    attention output in place.
+    where the attention kernel runs it reads the windows of the qkv projection
+    in place (no padded copy) and writes the real tokens' output only.
     """
     import torch
 
     attention = block.attention
-    heads, key_dim = attention.num_heads, attention.key_dim
-    batch, height, width, channels = x.shape
-    kernel = attention.use_rel_pos and attention_kernel.handles(x, key_dim)
+    heads = attention.num_heads
+    kernel = attention.use_rel_pos and attention_kernel.handles(x, attention.key_dim)
     if block.window_size == 0:
         if kernel and _fusable(attention, x, torch):
             qkv = _dense(attention.qkv, block.layer_norm1(x))
-            x = _dense(attention.projection, _kernel_grid(attention, qkv, batch, 1, 1, height, width), residual=x)
+            out = attention_kernel.rel_attention_windows(qkv, heads, 0, *_tables(attention), attention.scale)
+            x = _dense(attention.projection, out, residual=x)
         else:
             x = x + attention(block.layer_norm1(x))
         return _mlp(block.mlp_block, block.layer_norm2(x), residual=x)
 
-    size = block.window_size
+    qkv = _dense(attention.qkv, block.layer_norm1(x))
+    if kernel:
+        # The kernel reads the windows in place and stands in for the padding itself.
+        bias = attention.qkv.bias.value if attention.qkv.use_bias else None
+        out = attention_kernel.rel_attention_windows(qkv, heads, block.window_size, *_tables(attention),
+                                                     attention.scale, bias)
+    else:
+        out = _windowed_attend(attention, qkv, block.window_size)
+    x = _dense(attention.projection, out, residual=x)
+    return _mlp(block.mlp_block, block.layer_norm2(x), residual=x)
+
+
+def _windowed_attend(attention, qkv, size: int):
+    """keras-hub's windowed attention on ``qkv`` ``(B, H, W, 3C)``: pad, partition, attend, merge, crop."""
+    heads, key_dim = attention.num_heads, attention.key_dim
+    batch, height, width, columns = qkv.shape
     pad_h, pad_w = (-height) % size, (-width) % size
     rows, cols = (height + pad_h) // size, (width + pad_w) // size
-
-    qkv = _dense(attention.qkv, block.layer_norm1(x))
     if pad_h or pad_w:
         # keras-hub pads the normalised tokens with zeros; their qkv is the bias (or zero).
         bias = attention.qkv.bias.value if attention.qkv.use_bias else 0.0
-        padded = qkv.new_empty((batch, height + pad_h, width + pad_w, qkv.shape[-1]))
+        padded = qkv.new_empty((batch, height + pad_h, width + pad_w, columns))
         padded[:, height:] = bias
         padded[:, :height, width:] = bias
         padded[:, :height, :width] = qkv
         qkv = padded
-    if kernel:
-        out = _kernel_grid(attention, qkv, batch, rows, cols, size, size)
-    else:
-        # (B, rows, size, cols, size, 3, heads, d) -> (3, B * rows * cols, heads, size * size, d):
-        # keras-hub's window order (row-major over windows, then over the tokens of a window).
-        windows = qkv.reshape(batch, rows, size, cols, size, 3, heads, key_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
-        out = _attend(attention, windows.reshape(3, batch * rows * cols, heads, size * size, key_dim), size, size)
-        # (B, rows, cols, heads, size, size, d) -> (B, rows, size, cols, size, heads, d).
-        out = out.reshape(batch, rows, cols, heads, size, size, key_dim).permute(0, 1, 4, 2, 5, 3, 6)
-        out = out.reshape(batch, rows * size, cols * size, channels)
-    x = _dense(attention.projection, out[:, :height, :width], residual=x)  # the padding cropped
-    return _mlp(block.mlp_block, block.layer_norm2(x), residual=x)
-
-
-def _kernel_grid(attention, qkv, batch: int, rows: int, cols: int, size_h: int, size_w: int):
-    """The attention kernel on ``qkv`` ``(B, rows * size_h, cols * size_w, 3 * C)``, window by window: ``(B, ..., C)``.
-
-    The kernel reads each window's queries, keys and values in place and
-    writes its output in the token layout the output projection reads.
-    """
-    heads, key_dim = attention.num_heads, attention.key_dim
-    # (B * rows, size_h, cols, size_w, 3, heads, d) -> (3, B * rows, cols, heads, size_h, size_w, d).
-    grid = qkv.view(batch * rows, size_h, cols, size_w, 3, heads, key_dim).permute(4, 0, 2, 5, 1, 3, 6)
-    out = qkv.new_empty((batch, rows * size_h, cols * size_w, heads, key_dim))
-    _kernel_attend(attention, *grid.unbind(0),
-                   out.view(batch * rows, size_h, cols, size_w, heads, key_dim).permute(0, 2, 4, 1, 3, 5))
-    return out.view(batch, rows * size_h, cols * size_w, heads * key_dim)
+    # (B, rows, size, cols, size, 3, heads, d) -> (3, B * rows * cols, heads, size * size, d):
+    # keras-hub's window order (row-major over windows, then over the tokens of a window).
+    windows = qkv.reshape(batch, rows, size, cols, size, 3, heads, key_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
+    out = _attend(attention, windows.reshape(3, batch * rows * cols, heads, size * size, key_dim), size, size)
+    # (B, rows, cols, heads, size, size, d) -> (B, rows, size, cols, size, heads, d), then crop the padding.
+    out = out.reshape(batch, rows, cols, heads, size, size, key_dim).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(batch, rows * size, cols * size, heads * key_dim)[:, :height, :width]
 
 
 def _dense(layer, x, residual=None):
@@ -514,7 +507,8 @@ def _fused_forward(layer, x):
     batch, height, width, channels = x.shape
     projected = _dense(layer.qkv, x)
     if layer.use_rel_pos and attention_kernel.handles(projected, layer.key_dim):
-        return _dense(layer.projection, _kernel_grid(layer, projected, batch, 1, 1, height, width))
+        out = attention_kernel.rel_attention_windows(projected, layer.num_heads, 0, *_tables(layer), layer.scale)
+        return _dense(layer.projection, out)
     # (B, HW, 3, heads, d) -> (3, B, heads, HW, d), keras-hub's order of the qkv columns.
     qkv = projected.reshape(batch, height * width, 3, layer.num_heads, layer.key_dim).permute(2, 0, 3, 1, 4)
     out = _attend(layer, qkv, height, width)
@@ -561,11 +555,10 @@ def _attend(layer, qkv, height: int, width: int):
     return out
 
 
-def _kernel_attend(layer, queries, keys, values, out):
-    """:func:`attention_kernel.rel_attention` on 6-D views ``(outer, inner, heads, H, W, d)`` with the layer's tables."""
+def _tables(layer):
+    """The layer's relative-position tables ``(rel_pos_h, rel_pos_w)``, as the kernel takes them."""
     rel = layer.add_decomposed_relative_pe
-    return attention_kernel.rel_attention(queries, keys, values, rel.rel_pos_h.value, rel.rel_pos_w.value,
-                                          layer.scale, out)
+    return rel.rel_pos_h.value, rel.rel_pos_w.value
 
 
 def _bias_chunks(batch: int, heads: int, height: int, row_bytes: int, budget: int) -> tuple[int, int, int]:

@@ -120,36 +120,89 @@ def rel_attention(queries, keys, values, table_h, table_w, scale: float, out=Non
     """Attention of 6-D views ``(outer, inner, heads, H, W, d)`` with keras-hub's decomposed relative positions.
 
     ``queries``, ``keys``, ``values`` and ``out`` may be any strided views with
-    the head size contiguous (for example heads of a fused qkv projection, or
-    windows of a padded image): the kernel reads and writes them in place.
-    ``table_h`` (``2H - 1`` rows of ``d``) and ``table_w`` (``2W - 1`` rows)
-    are the layer's relative-position tables: the score of query ``(qy, qx)``
-    against key ``(y, x)`` is ``scale * q . k + q . table_h[qy - y + H - 1] +
-    q . table_w[qx - x + W - 1]``, softmax over all keys. Returns ``out`` (a new
-    contiguous ``(outer, inner, heads, H, W, d)`` tensor when not given).
+    the head size contiguous (for example heads of a fused qkv projection):
+    the kernel reads and writes them in place. ``table_h`` (``2H - 1`` rows of
+    ``d``) and ``table_w`` (``2W - 1`` rows) are the layer's relative-position
+    tables: the score of query ``(qy, qx)`` against key ``(y, x)`` is
+    ``scale * q . k + q . table_h[qy - y + H - 1] + q . table_w[qx - x + W - 1]``,
+    softmax over all keys. Returns ``out`` (a new contiguous
+    ``(outer, inner, heads, H, W, d)`` tensor when not given).
     """
     import torch
 
-    fn = kernel()
-    if fn is None:
-        raise RuntimeError("the relative-position attention kernel is not available here")
     outer, inner, heads, height, width, size = queries.shape
-    if size not in HEAD_SIZES:
-        raise ValueError(f"head size {size}; the kernel handles {sorted(HEAD_SIZES)}")
     if out is None:
         out = torch.empty(queries.shape, dtype=torch.float32)
     tensors = (queries, keys, values, out)
     for tensor in tensors:
         if tuple(tensor.shape) != tuple(queries.shape) or tensor.dtype != torch.float32 or tensor.stride(-1) != 1:
             raise ValueError("queries, keys, values and out must be float32 views of one shape, head size contiguous")
+    # (image, window row, window column, head, row, column): each (outer, inner) pair is one window.
+    strides = [(t.stride(0), 0, t.stride(1), t.stride(2), t.stride(3), t.stride(4)) for t in tensors]
+    _run([t.data_ptr() for t in tensors], strides, (outer, 1, inner), (height, width), (height, inner * width),
+         None, table_h, table_w, heads, size, scale)
+    return out
+
+
+def rel_attention_windows(qkv, heads: int, window: int, table_h, table_w, scale: float, padding=None):
+    """Attention of a fused qkv projection ``(B, H, W, 3 * heads * d)`` in ``window``-sized windows: ``(B, H, W, heads * d)``.
+
+    keras-hub's ViTDet attention after the qkv projection: ``window`` 0 for a
+    global block (the whole grid attends), else windows of ``window x window``
+    tokens over the grid padded to a multiple of ``window``, where a padding
+    token's key and value are those of ``padding`` (the projection's bias,
+    ``3 * heads * d``; zeros when None). The kernel reads each window of
+    ``qkv`` in place, never builds the padded grid, and writes only the real
+    tokens' outputs, in the layout the output projection reads.
+    """
+    import torch
+
+    batch, grid_h, grid_w, columns = qkv.shape
+    channels = columns // 3
+    size = channels // heads
+    if qkv.dtype != torch.float32 or qkv.stride(-1) != 1 or columns != 3 * heads * size:
+        raise ValueError("qkv must be a float32 (B, H, W, 3 * heads * d) projection, channels contiguous")
+    height, width = (window, window) if window else (grid_h, grid_w)
+    rows, cols = -(-grid_h // height), -(-grid_w // width)
+    out = torch.empty((batch, grid_h, grid_w, channels), dtype=torch.float32)
+    pointers = [qkv.data_ptr() + part * channels * 4 for part in range(3)] + [out.data_ptr()]
+    strides = [(t.stride(0), height * t.stride(1), width * t.stride(2), size, t.stride(1), t.stride(2))
+               for t in (qkv, qkv, qkv, out)]
+    if rows * height != grid_h or cols * width != grid_w:
+        pad = torch.zeros(3 * channels) if padding is None else padding.detach().to(torch.float32).contiguous()
+        padding = (pad[channels:2 * channels], pad[2 * channels:])
+    else:
+        padding = None
+    _run(pointers, strides, (batch, rows, cols), (height, width), (grid_h, grid_w), padding, table_h, table_w,
+         heads, size, scale)
+    return out
+
+
+def _run(pointers, strides, windows, window_shape, valid, padding, table_h, table_w, heads: int, size: int,
+         scale: float) -> None:
+    """The kernel over threads, for ``windows`` = (images, rows, columns) of ``window_shape`` tokens.
+
+    ``valid``: the real rows and columns of an image's token grid; ``padding``:
+    the (keys, values) of the others. See rel_attention.c.
+    """
+    import torch
+
+    fn = kernel()
+    if fn is None:
+        raise RuntimeError("the relative-position attention kernel is not available here")
+    if size not in HEAD_SIZES:
+        raise ValueError(f"head size {size}; the kernel handles {sorted(HEAD_SIZES)}")
+    images, rows, cols = windows
+    height, width = window_shape
     table_h, table_w = (t.detach().to(torch.float32).contiguous() for t in (table_h, table_w))
     if tuple(table_h.shape) != (2 * height - 1, size) or tuple(table_w.shape) != (2 * width - 1, size):
         raise ValueError(f"relative-position tables of {tuple(table_h.shape)} and {tuple(table_w.shape)} do not "
                          f"match a {height}x{width} grid of head size {size}")
-    strides = (ctypes.c_int64 * 20)(*(s for t in tensors for s in _layout(t)))
-    args = (*(t.data_ptr() for t in tensors), strides, inner, table_h.data_ptr(), table_w.data_ptr(),
+    flat = (ctypes.c_int64 * 24)(*(int(s) for layout in strides for s in layout))
+    pad_k, pad_v = (p.data_ptr() for p in padding) if padding is not None else (None, None)
+    args = (*pointers, flat, rows, cols, valid[0], valid[1], pad_k, pad_v, table_h.data_ptr(), table_w.data_ptr(),
             heads, height, width, size, float(scale))
-    items = outer * inner * heads * -(-(height * width) // _TILE)
+    items = images * rows * cols * heads * -(-(height * width) // _TILE)
     threads = max(1, min(torch.get_num_threads(), items))
     if threads == 1:
         codes = [fn(*args, 0, items)]
@@ -160,12 +213,6 @@ def rel_attention(queries, keys, values, table_h, table_w, scale: float, out=Non
         codes = [future.result() for future in futures]
     if any(codes):
         raise MemoryError("the attention kernel could not allocate its scratch memory")  # -2 is ruled out above
-    return out
-
-
-def _layout(tensor) -> tuple[int, int, int, int, int]:
-    # rel_attention.c's five strides: item / inner, item % inner, head, token row, token column.
-    return tuple(int(s) for s in tensor.stride()[:5])
 
 
 def _thread_pool(threads: int) -> ThreadPoolExecutor:
@@ -240,8 +287,8 @@ def _load():
                        "(README: Attention kernel).", exc)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, ptr, ptr, ptr, ctypes.POINTER(ctypes.c_int64), i64, ptr, ptr, i64, i64, i64, i64,
-                   ctypes.c_float, i64, i64]
+    fn.argtypes = [ptr, ptr, ptr, ptr, ctypes.POINTER(ctypes.c_int64), i64, i64, i64, i64, ptr, ptr, ptr, ptr,
+                   i64, i64, i64, i64, ctypes.c_float, i64, i64]
     fn.restype = ctypes.c_int
     logger.info("Attention kernel: %s (AVX-512, float32).", library)
     return fn

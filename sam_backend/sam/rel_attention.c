@@ -15,7 +15,7 @@
  * added while its scores are in cache, and all products run in
  * register-blocked micro-kernels.
  *
- * Work is split into items of (batch item x head, tile of TQ queries); the
+ * Work is split into items of (window x head, tile of TQ queries); the
  * caller runs ranges of items on its own threads (no OpenMP runtime beside
  * torch's). Each row of scores is complete before its softmax (a tile's
  * scores fit in L2), so there is no online rescaling.
@@ -111,11 +111,11 @@ typedef void (*values_fn)(const float *, int64_t, const float *, int64_t, int64_
 static const values_fn VALUES[6] = {NULL, values4_1, values4_2, values4_3, values4_4, values4_5};
 
 /* Where one tensor's rows of d floats are: see sam_rel_attention. */
-typedef struct { int64_t outer, inner, head, row, col; } layout;
+typedef struct { int64_t batch, wrow, wcol, head, row, col; } layout;
 
-/* Offset of head h of item n; a token (y, x) adds y * row + x * col. */
-static inline int64_t base(const layout *l, int64_t n, int64_t inner, int64_t h) {
-    return (n / inner) * l->outer + (n % inner) * l->inner + h * l->head;
+/* Offset of head h of window (b, wr, wc); a token (y, x) of the window adds y * row + x * col. */
+static inline int64_t base(const layout *l, int64_t b, int64_t wr, int64_t wc, int64_t h) {
+    return b * l->batch + wr * l->wrow + wc * l->wcol + h * l->head;
 }
 
 /* Panels of KB transposed rows (d x KB each, zero beyond rows) of a (rows x d) matrix whose row i is at m + i * stride. */
@@ -127,22 +127,31 @@ static void pack_panels(const float *m, int64_t stride, int64_t rows, int64_t pa
 }
 
 /*
- * Work items [begin, end) of the grid (item, head, tile of TQ queries).
+ * Work items [begin, end) of the grid (window, head, tile of TQ queries).
  *
- * q, k, v, out: float32 rows of d contiguous floats (d: 16, 32, 48, 64 or 80). strides holds, for q,
- * k, v and out in turn, five strides in floats: item / inner, item % inner,
- * head, token row, token column (a token t is at row t / width, column
- * t % width). So a window of a padded image, or a head of a fused qkv
- * projection, is read and written in place.
+ * The attention runs within windows of height x width tokens: wrows x wcols
+ * of them per image, items = images x wrows x wcols, window (b, wr, wc) being
+ * item (b * wrows + wr) * wcols + wc (a global block is one window per image).
+ * Of an image's (wrows * height) x (wcols * width) token grid only the first
+ * valid_h rows and valid_w columns are real: the others are padding, whose
+ * key and value are pad_k and pad_v (per head, d apart; keras-hub pads the
+ * normalised tokens with zeros, so they are the projection's bias). Padding
+ * tokens are keys like any other, but are not queried, and not written.
+ *
+ * q, k, v, out: float32 rows of d contiguous floats (d: 16, 32, 48, 64 or 80).
+ * strides holds, for q, k, v and out in turn, six strides in floats: image,
+ * window row, window column, head, token row, token column. So windows of an
+ * image, or heads of a fused qkv projection, are read and written in place.
  * table_h: (2 * height - 1) x d and table_w: (2 * width - 1) x d, contiguous:
- * the bias of query (qy, qx) against key (y, x) is
+ * the bias of query (qy, qx) against key (y, x) of its window is
  * q . table_h[qy - y + height - 1] + q . table_w[qx - x + width - 1]
  * (keras-hub's decomposed relative positions, from the unscaled query).
  * Returns 0, -1 when scratch memory could not be had, -2 for an unsupported d.
  */
 int sam_rel_attention(
     const float *q, const float *k, const float *v, float *out,
-    const int64_t *strides, int64_t inner,
+    const int64_t *strides, int64_t wrows, int64_t wcols, int64_t valid_h, int64_t valid_w,
+    const float *pad_k, const float *pad_v,
     const float *table_h, const float *table_w,
     int64_t heads, int64_t height, int64_t width, int64_t d, float scale,
     int64_t begin, int64_t end)
@@ -176,15 +185,20 @@ int sam_rel_attention(
     for (int64_t item = begin; item < end; item++) {
         const int64_t bh = item / tiles, tile = item % tiles;
         const int64_t n = bh / heads, h = bh % heads;
+        const int64_t b = n / (wrows * wcols), wr = (n / wcols) % wrows, wc = n % wcols;
+        /* The window's real rows and columns: its queries (row-major) are those. */
+        const int64_t vh = valid_h - wr * height < height ? valid_h - wr * height : height;
+        const int64_t vw = valid_w - wc * width < width ? valid_w - wc * width : width;
         if (bh != packed) {
-            /* Keys (times the scale) as panels, values as rows (kp x d); padding zero. */
-            const float *kb = k + base(lk, n, inner, h), *vb = v + base(lv, n, inner, h);
+            /* Keys (times the scale) as panels, values as rows (kp x d); beyond the tokens zero. */
+            const float *kb = k + base(lk, b, wr, wc, h), *vb = v + base(lv, b, wr, wc, h);
             for (int64_t y = 0, j = 0; y < height; y++)
                 for (int64_t x = 0; x < width; x++, j++) {
-                    const float *kr = kb + y * lk->row + x * lk->col;
+                    const int real = y < vh && x < vw;
+                    const float *kr = real ? kb + y * lk->row + x * lk->col : pad_k + h * d;
                     float *panel = kt + (j / KB) * (d * KB) + j % KB;
                     for (int c = 0; c < d; c++) panel[c * KB] = kr[c] * scale;
-                    memcpy(vp + j * d, vb + y * lv->row + x * lv->col, d * sizeof(float));
+                    memcpy(vp + j * d, real ? vb + y * lv->row + x * lv->col : pad_v + h * d, d * sizeof(float));
                 }
             for (int64_t j = tokens; j < kp; j++) {
                 float *panel = kt + (j / KB) * (d * KB) + j % KB;
@@ -193,14 +207,15 @@ int sam_rel_attention(
             }
             packed = bh;
         }
-        const int64_t t0 = tile * TQ;
-        const int rows = (int)(tokens - t0 < TQ ? tokens - t0 : TQ);
+        const int64_t t0 = tile * TQ, queries = vh * vw;
+        if (t0 >= queries) continue;  /* a tile of padding only */
+        const int rows = (int)(queries - t0 < TQ ? queries - t0 : TQ);
         const int padded = (rows + 7) / 8 * 8;
-        const float *qb = q + base(lq, n, inner, h);
-        for (int64_t r = 0, y = t0 / width, x = t0 % width; r < padded; r++) {
+        const float *qb = q + base(lq, b, wr, wc, h);
+        for (int64_t r = 0, y = t0 / vw, x = t0 % vw; r < padded; r++) {
             if (r < rows) {
                 memcpy(qs + r * d, qb + y * lq->row + x * lq->col, d * sizeof(float));
-                if (++x == width) x = 0, y++;
+                if (++x == vw) x = 0, y++;
             } else {
                 memset(qs + r * d, 0, d * sizeof(float));
             }
@@ -214,12 +229,12 @@ int sam_rel_attention(
         }
 
         float inv[TQ];
-        for (int64_t r = 0, qy = t0 / width, qx = t0 % width; r < rows; r++) {
+        for (int64_t r = 0, qy = t0 / vw, qx = t0 % vw; r < rows; r++) {
             float *sr = s + r * ks;
             /* This query's bias terms: rh[y] = q . table_h[qy - y + H - 1], rw[x] likewise. */
             const float *rh = rel + r * ph + qy + height - 1, *pwr = rel_w + r * pw + qx + width - 1;
             for (int64_t x = 0; x < width; x++) rw[x] = pwr[-x];
-            if (++qx == width) qx = 0, qy++;
+            if (++qx == vw) qx = 0, qy++;
             /* Add the bias and find the row's maximum. */
             __m512 mx = _mm512_set1_ps(-__builtin_inff());
             for (int64_t y = 0; y < height; y++) {
@@ -267,8 +282,8 @@ int sam_rel_attention(
             const int64_t j1 = j + VB < kp ? j + VB : kp;
             for (int r = 0; r < rows; r += 4) values4(s + r * ks, ks, vp, j, j1, acc + r * d);
         }
-        float *ob = out + base(lo, n, inner, h);
-        for (int64_t r = 0, y = t0 / width, x = t0 % width; r < rows; r++, x = x + 1 == width ? (y++, 0) : x + 1) {
+        float *ob = out + base(lo, b, wr, wc, h);
+        for (int64_t r = 0, y = t0 / vw, x = t0 % vw; r < rows; r++, x = x + 1 == vw ? (y++, 0) : x + 1) {
             float *orow = ob + y * lo->row + x * lo->col;
             const __m512 f = _mm512_set1_ps(inv[r]);
             for (int c = 0; c < d; c += 16) _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_load_ps(acc + r * d + c), f));
