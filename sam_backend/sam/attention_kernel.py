@@ -7,7 +7,10 @@ broadcast, 800 MB for a ViT-B global block) and read back from memory.
 layer's two relative-position tables itself, adds them while a tile of scores
 is in cache, and multiplies in register-blocked AVX-512 micro-kernels: a ViT-B
 global block's attention takes about 210 ms on a 2-core Xeon against about
-330 ms for SDPA plus its bias (``bench/attention_kernel.py``).
+330 ms for SDPA plus its bias (``bench/attention_kernel.py``). Windowed blocks
+are read window by window straight from the qkv projection: the kernel stands
+in for keras-hub's padding (its tokens' keys and values are the projection's
+bias) and computes no padding query, so no padded copy is made or cropped.
 
 The C file is compiled at first use with the system's C compiler (``CC``, or
 ``cc``) into a cache directory (``SAM_KERNEL_DIR``, default
@@ -23,11 +26,11 @@ to 80 (a multiple of 16) and no gradient are its to take (:func:`handles`).
 
 Example:
     >>> import torch
-    >>> from sam_backend.sam.attention_kernel import kernel, rel_attention
-    >>> grid = torch.randn(1, 1, 12, 8, 8, 64)        # (outer, inner, heads, H, W, head size)
-    >>> table_h, table_w = torch.randn(15, 64), torch.randn(15, 64)
-    >>> if kernel() is not None:                      # doctest: +SKIP
-    ...     out = rel_attention(grid, grid, grid, table_h, table_w, scale=0.125)
+    >>> from sam_backend.sam.attention_kernel import kernel, rel_attention_windows
+    >>> qkv = torch.randn(1, 64, 64, 3 * 768)          # a ViT-B block's qkv projection
+    >>> table = torch.randn(27, 64)                    # 2 x 14 - 1 relative positions
+    >>> if kernel() is not None:                       # doctest: +SKIP
+    ...     out = rel_attention_windows(qkv, 12, 14, table, table, scale=0.125)  # (1, 64, 64, 768)
 """
 
 from __future__ import annotations
