@@ -107,7 +107,7 @@ def kernel_status() -> str:
 
 
 def handles(queries, key_dim: int) -> bool:
-    """Whether :func:`rel_attention` can take these queries: float32 on the CPU (no autocast), a head size it knows, no autograd."""
+    """Whether the kernel can take these queries: float32 on the CPU, no autocast, a head size it knows, no autograd."""
     import torch
 
     if queries.dtype != torch.float32 or queries.device.type != "cpu" or key_dim not in HEAD_SIZES:
@@ -138,8 +138,10 @@ def rel_attention(queries, keys, values, table_h, table_w, scale: float, out=Non
         out = torch.empty(queries.shape, dtype=torch.float32)
     tensors = (queries, keys, values, out)
     for tensor in tensors:
-        if tuple(tensor.shape) != tuple(queries.shape) or tensor.dtype != torch.float32 or tensor.stride(-1) != 1:
-            raise ValueError("queries, keys, values and out must be float32 views of one shape, head size contiguous")
+        if (tuple(tensor.shape) != tuple(queries.shape) or tensor.dtype != torch.float32
+                or tensor.device.type != "cpu" or tensor.stride(-1) != 1):
+            raise ValueError("queries, keys, values and out must be float32 CPU views of one shape, "
+                             "head size contiguous")
     # (image, window row, window column, head, row, column): each (outer, inner) pair is one window.
     strides = [(t.stride(0), 0, t.stride(1), t.stride(2), t.stride(3), t.stride(4)) for t in tensors]
     _run([t.data_ptr() for t in tensors], strides, (outer, 1, inner), (height, width), (height, inner * width),
@@ -148,7 +150,7 @@ def rel_attention(queries, keys, values, table_h, table_w, scale: float, out=Non
 
 
 def rel_attention_windows(qkv, heads: int, window: int, table_h, table_w, scale: float, padding=None):
-    """Attention of a fused qkv projection ``(B, H, W, 3 * heads * d)`` in ``window``-sized windows: ``(B, H, W, heads * d)``.
+    """Attention of a fused qkv projection ``(B, H, W, 3 * heads * d)`` in windows: ``(B, H, W, heads * d)``.
 
     keras-hub's ViTDet attention after the qkv projection: ``window`` 0 for a
     global block (the whole grid attends), else windows of ``window x window``
@@ -163,8 +165,8 @@ def rel_attention_windows(qkv, heads: int, window: int, table_h, table_w, scale:
     batch, grid_h, grid_w, columns = qkv.shape
     channels = columns // 3
     size = channels // heads
-    if qkv.dtype != torch.float32 or qkv.stride(-1) != 1 or columns != 3 * heads * size:
-        raise ValueError("qkv must be a float32 (B, H, W, 3 * heads * d) projection, channels contiguous")
+    if qkv.dtype != torch.float32 or qkv.device.type != "cpu" or qkv.stride(-1) != 1 or columns != 3 * heads * size:
+        raise ValueError("qkv must be a float32 CPU (B, H, W, 3 * heads * d) projection, channels contiguous")
     height, width = (window, window) if window else (grid_h, grid_w)
     rows, cols = -(-grid_h // height), -(-grid_w // width)
     out = torch.empty((batch, grid_h, grid_w, channels), dtype=torch.float32)

@@ -1,11 +1,12 @@
 /*
  * Attention with SAM's decomposed relative-position bias, float32, AVX-512.
  *
- * For each (batch item, head) and query t = (qy, qx) on an H x W token grid:
+ * For each (window, head) and query t = (qy, qx) of the window's H x W tokens:
  *
  *     out[t] = softmax_j(scale * q[t] . k[j] + q[t] . Rh[qy - jy + H - 1] + q[t] . Rw[qx - jx + W - 1]) @ v
  *
- * over keys j = (jy, jx), with Rh and Rw the layer's relative-position tables.
+ * over the window's keys j = (jy, jx), with Rh and Rw the layer's
+ * relative-position tables (a global block is one window over the image).
  * This is keras-hub's MultiHeadAttentionWithRelativePE after the qkv
  * projection, for head sizes that are multiples of 16 up to 80 (SAM's ViT-B
  * and ViT-L have 64, ViT-H 80). torch's CPU attention takes such a bias only
@@ -118,11 +119,11 @@ static inline int64_t base(const layout *l, int64_t b, int64_t wr, int64_t wc, i
     return b * l->batch + wr * l->wrow + wc * l->wcol + h * l->head;
 }
 
-/* Panels of KB transposed rows (d x KB each, zero beyond rows) of a (rows x d) matrix whose row i is at m + i * stride. */
-static void pack_panels(const float *m, int64_t stride, int64_t rows, int64_t padded, int64_t d, float factor, float *panels) {
+/* Panels of KB transposed rows (d x KB each, zero beyond rows) of a (rows x d) matrix, row i at m + i * stride. */
+static void pack_panels(const float *m, int64_t stride, int64_t rows, int64_t padded, int64_t d, float *panels) {
     for (int64_t i = 0; i < padded; i++) {
         float *column = panels + (i / KB) * (d * KB) + i % KB;
-        for (int64_t c = 0; c < d; c++) column[c * KB] = i < rows ? m[i * stride + c] * factor : 0.0f;
+        for (int64_t c = 0; c < d; c++) column[c * KB] = i < rows ? m[i * stride + c] : 0.0f;
     }
 }
 
@@ -161,7 +162,7 @@ int sam_rel_attention(
     const layout *lq = (const layout *)strides, *lk = lq + 1, *lv = lq + 2, *lo = lq + 3;
     const int64_t tokens = height * width;
     const int64_t kp = round_up(tokens, KB);
-    /* Rows of scores one cache line more than a multiple of 4 KiB apart would share L1 sets. */
+    /* Rows of scores a multiple of 4 KiB apart would share L1 sets; a cache line more keeps them apart. */
     const int64_t ks = kp % 1024 ? kp : kp + 16;
     const int64_t tiles = (tokens + TQ - 1) / TQ;
     /* Relative positions: each query's products with every row of the two tables. */
@@ -178,8 +179,8 @@ int sam_rel_attention(
         return -1;
     }
     float *tw = th + d * ph, *rel_w = rel + TQ * ph, *rw = rel + TQ * (ph + pw);
-    pack_panels(table_h, d, 2 * height - 1, ph, d, 1.0f, th);
-    pack_panels(table_w, d, 2 * width - 1, pw, d, 1.0f, tw);
+    pack_panels(table_h, d, 2 * height - 1, ph, d, th);
+    pack_panels(table_w, d, 2 * width - 1, pw, d, tw);
     const __mmask16 tail_w = (__mmask16)((1u << (width % 16)) - 1u);
     int64_t packed = -1;
     for (int64_t item = begin; item < end; item++) {
@@ -286,7 +287,8 @@ int sam_rel_attention(
         for (int64_t r = 0, y = t0 / vw, x = t0 % vw; r < rows; r++, x = x + 1 == vw ? (y++, 0) : x + 1) {
             float *orow = ob + y * lo->row + x * lo->col;
             const __m512 f = _mm512_set1_ps(inv[r]);
-            for (int c = 0; c < d; c += 16) _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_load_ps(acc + r * d + c), f));
+            for (int c = 0; c < d; c += 16)
+                _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_load_ps(acc + r * d + c), f));
         }
     }
     free(kt); free(vp); free(s); free(qs); free(acc); free(th); free(rel);
