@@ -381,23 +381,20 @@ def _block_forward(block, x):
     import torch
 
     attention = block.attention
-    heads = attention.num_heads
-    kernel = attention.use_rel_pos and attention_kernel.handles(x, attention.key_dim)
     if block.window_size == 0:
-        if kernel and _fusable(attention, x, torch):
-            qkv = _dense(attention.qkv, block.layer_norm1(x))
-            out = attention_kernel.rel_attention_windows(qkv, heads, 0, *_tables(attention), attention.scale)
-            x = _dense(attention.projection, out, residual=x)
+        normalised = block.layer_norm1(x)
+        if _fusable(attention, normalised, torch):
+            x = _fused_forward(attention, normalised, residual=x)  # the patched layer's own path, residual inside
         else:
-            x = x + attention(block.layer_norm1(x))
+            x = x + attention(normalised)
         return _mlp(block.mlp_block, block.layer_norm2(x), residual=x)
 
     qkv = _dense(attention.qkv, block.layer_norm1(x))
-    if kernel:
+    if attention.use_rel_pos and attention_kernel.handles(qkv, attention.key_dim):
         # The kernel reads the windows in place and stands in for the padding itself.
         bias = attention.qkv.bias.value if attention.qkv.use_bias else None
-        out = attention_kernel.rel_attention_windows(qkv, heads, block.window_size, *_tables(attention),
-                                                     attention.scale, bias)
+        out = attention_kernel.rel_attention_windows(qkv, attention.num_heads, block.window_size,
+                                                     *_tables(attention), attention.scale, bias)
     else:
         out = _windowed_attend(attention, qkv, block.window_size)
     x = _dense(attention.projection, out, residual=x)
@@ -430,12 +427,12 @@ def _windowed_attend(attention, qkv, size: int):
 def _dense(layer, x, residual=None):
     """keras ``Dense`` ``layer`` on ``x``, plus ``residual`` when given.
 
-    With autograd on (or an input not in the kernel's dtype), keras's own
-    call. Under autocast, one ``linear`` in
-    autocast's dtype: it casts the input, the kernel and the bias alike, so
-    the bias is added inside the multiply (keras adds a float32 bias after a
-    bfloat16 matmul). Otherwise one matrix multiply, then the bias and the
-    residual added in place, into the product (no tensor per addition).
+    With autograd on, or an input not in the layer's weight dtype, keras's
+    own call. Under autocast, one ``linear`` in autocast's dtype: it casts the
+    input, the weights and the bias alike, so the bias is added inside the
+    multiply (keras adds a float32 bias after a bfloat16 matmul). Otherwise
+    one matrix multiply, then the bias and the residual added in place, into
+    the product (no tensor per addition).
     """
     import torch
     import torch.nn.functional as F
@@ -494,27 +491,28 @@ def _fusable(layer, x, torch) -> bool:
     return True
 
 
-def _fused_forward(layer, x):
-    """keras-hub's attention math with one SDPA call per chunk of the bias.
+def _fused_forward(layer, x, residual=None):
+    """keras-hub's attention math in the attention kernel, or with one SDPA call per chunk of the bias.
 
     Same as ``MultiHeadAttentionWithRelativePE.call``: scores ``(q * scale) @ k^T``
     plus ``rel_h[..., :, None] + rel_w[..., None, :]`` where ``rel_h``/``rel_w``
     are the *unscaled* queries against the gathered relative-position tables,
-    softmax over keys, ``@ v``, heads merged back, output projection. Windowed
-    blocks partition the image before calling the layer, so each window is a
-    batch item here, as in keras-hub.
+    softmax over keys, ``@ v``, heads merged back, output projection (plus
+    ``residual`` when given, as a global block adds it). Windowed blocks
+    unpatched by :func:`_patch_blocks` partition the image before calling the
+    layer, so each window is a batch item here, as in keras-hub.
     """
     batch, height, width, channels = x.shape
     projected = _dense(layer.qkv, x)
     if layer.use_rel_pos and attention_kernel.handles(projected, layer.key_dim):
         out = attention_kernel.rel_attention_windows(projected, layer.num_heads, 0, *_tables(layer), layer.scale)
-        return _dense(layer.projection, out)
+        return _dense(layer.projection, out, residual)
     # (B, HW, 3, heads, d) -> (3, B, heads, HW, d), keras-hub's order of the qkv columns.
     qkv = projected.reshape(batch, height * width, 3, layer.num_heads, layer.key_dim).permute(2, 0, 3, 1, 4)
     out = _attend(layer, qkv, height, width)
     # (B, heads, HW, d) -> (B, H, W, heads * d), as keras-hub's transpose (0, 2, 3, 1, 4).
     out = out.permute(0, 2, 1, 3).reshape(batch, height, width, channels)
-    return _dense(layer.projection, out)
+    return _dense(layer.projection, out, residual)
 
 
 def _attend(layer, qkv, height: int, width: int):
