@@ -95,7 +95,7 @@ def kernel():
 
 
 def kernel_status() -> str:
-    """One word for logs and ``/health``: ``avx512`` when the kernel runs, else ``off``/``unavailable``.
+    """One word for logs and benchmarks: ``avx512`` when the kernel runs, else ``off``/``unavailable``.
 
     Example:
         >>> kernel_status() in ("avx512", "off", "unavailable")
