@@ -176,6 +176,16 @@ def test_kernel_refuses_what_it_cannot_read():
         attention_kernel.rel_attention(good, good.transpose(-1, -2), good, table, table, 0.1)
     with pytest.raises(ValueError, match="do not match a 4x4 grid"):
         attention_kernel.rel_attention(good, good, good, table[:5], table, 0.1)
+    with pytest.raises(ValueError, match="CPU views"):  # a GPU's pointer is not the kernel's to read
+        attention_kernel.rel_attention(good, good, good.to("meta"), table, table, 0.1)
+
+
+def test_windows_refuse_what_they_cannot_read():
+    table = torch.randn(5, 32)
+    qkv = torch.randn(1, 6, 6, 3 * 64)
+    for bad in (qkv.double(), qkv.to("meta"), qkv[..., :190], torch.randn(1, 6, 6, 3 * 64 * 2)[..., ::2]):
+        with pytest.raises(ValueError, match="qkv must be a float32 CPU"):
+            attention_kernel.rel_attention_windows(bad, 2, 3, table, table, 0.1)
 
 
 def head64_vitdet(seed: int = 0):
