@@ -46,7 +46,7 @@ RUN pip install . && useradd --create-home --uid 1000 sam && mkdir -p /data && c
 ENV SAM_KERNEL_DIR=/opt/sam-kernels
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && python -m sam_backend.sam.attention_kernel "${SAM_KERNEL_DIR}" \
+    && python -m sam_backend.accel.attention_kernel "${SAM_KERNEL_DIR}" \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 

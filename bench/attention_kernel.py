@@ -59,8 +59,8 @@ def main() -> None:
 
     import torch
 
-    from sam_backend.allocator import allocator_in_use
-    from sam_backend.sam import attention, attention_kernel
+    from sam_backend.accel.allocator import allocator_in_use
+    from sam_backend.accel import attention, attention_kernel
 
     if attention_kernel.kernel() is None:
         raise SystemExit(f"the kernel does not run here ({attention_kernel.kernel_status()}); nothing to compare")

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import sam_backend  # noqa: E402,F401  (environment before keras)
 from architectures import VIT_CONFIGS  # noqa: E402
 from sam_backend.sam.architectures import build_sam  # noqa: E402
+from sam_backend.accel.attention import fuse_vitdet_attention  # noqa: E402
 from sam_backend.sam.engine import Embedding, SamEngine  # noqa: E402
 
 
@@ -180,6 +181,7 @@ def main() -> None:
                                    window_size=16, global_layers=(0,))
     started = time.perf_counter()
     segmenter = build_sam(arch, seed=0)
+    fuse_vitdet_attention(segmenter)  # the encoder as served (both engines share it)
     fast = SamEngine(segmenter, preset=args.arch)
     keras_path = SamEngine(segmenter, preset=args.arch)
     keras_path._click_decoder = False

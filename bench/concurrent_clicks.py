@@ -66,7 +66,7 @@ class EncodeLog:
 
 
 def main() -> None:
-    from sam_backend.allocator import ensure_allocator
+    from sam_backend.accel.allocator import ensure_allocator
 
     ensure_allocator()  # re-executes under tcmalloc, as serve's workers run
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,13 +84,16 @@ def main() -> None:
     import torch
 
     started = time.perf_counter()
+    from sam_backend.accel import accelerate
+
     if args.demo:
         engine, name = SamEngine.from_preset("demo", device=args.device), "demo"
     else:
         from architectures import build_segmenter
 
         engine, name = SamEngine(build_segmenter(args.arch), preset=args.arch, device=args.device), args.arch
-    engine.warm_up()  # as serve does: one-time costs, and the encoder's precision (bfloat16 on AMX)
+    accelerate(engine)  # as serve does: fused attention, and the encoder's precision (bfloat16 on AMX)
+    engine.warm_up()
     tiers = EmbeddingTiers(engine)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8) for _ in range(args.cached_images + args.new_images)]

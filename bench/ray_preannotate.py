@@ -8,7 +8,7 @@ on an empty embedding store and media cache:
 - the single-machine run (:class:`Preannotator`, ``sam-backend preannotate``'s
   own code): the model loaded in this process;
 - ``--ray`` with 1 actor of 2 CPUs, and with 2 actors of 1 CPU each
-  (:class:`RayPreannotator`), on a local Ray instance of 2 CPUs started once
+  (:class:`Preannotator` with a :class:`RayExecutor`), on a local Ray instance of 2 CPUs started once
   beforehand (its start is not counted; each run starts its actors, which
   load the preset).
 
@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 from fake_labelstudio import FakeLabelStudio  # noqa: E402
 from preannotate import LABEL_CONFIG, SIZE, box_region  # noqa: E402
 from sam_backend.commands.preannotate import Preannotator  # noqa: E402
-from sam_backend.commands.ray_pipeline import RayOptions, RayPreannotator  # noqa: E402
+from sam_backend.commands.ray_executor import RayExecutor, RayOptions  # noqa: E402
 from sam_backend.labelstudio.api import LabelStudioProject  # noqa: E402
 from sam_backend.labelstudio.media import Credentials  # noqa: E402
 from sam_backend.sam.synthetic import generate_scene  # noqa: E402
@@ -104,8 +104,8 @@ def on_ray(fake: FakeLabelStudio, work: Path, tasks: int, actors: int, cpus: flo
     backend = SamBackend(preset=PRESET, credentials=Credentials(fake.url, fake.token))
     options = RayOptions(actors=actors, cpus_per_actor=cpus)
     started = time.perf_counter()
-    summary = RayPreannotator(backend, project, PrelabelSettings(mode="boxes"), options, batch_size=1,
-                              progress=False).run()
+    summary = Preannotator(backend, project, PrelabelSettings(mode="boxes"), executor=RayExecutor(options),
+                           batch_size=1, progress=False).run()
     ended = time.perf_counter()
     assert summary.done == tasks and not summary.failed, summary
     return rates(tasks, started, ended, project.uploads)

@@ -111,24 +111,22 @@ def reference_child(warm_up: str, measured: str, clicks: int) -> dict:
 
 def encoder_child(preset: str, warm_up: str, measured: str, encodes: int) -> dict:
     """Our engine's encoder alone, under the allocator ``sam-backend serve`` runs with, at ``SAM_PRECISION``."""
-    from sam_backend.allocator import allocator_in_use, ensure_allocator
+    from sam_backend.accel.allocator import allocator_in_use, ensure_allocator
 
     ensure_allocator()  # re-executes this child under tcmalloc when it is installed
-    from sam_backend.sam.engine import SamEngine
     from sam_backend.sam.images import load_image
     from sam_backend.sam.transforms import preprocess
+    from sam_backend.server.loading import load_engine
 
-    engine = SamEngine.from_preset(preset)
+    engine = load_engine(preset, warm_up=False)  # the accelerations and the precision serve picks
     engine.encode(load_image(warm_up))
-    if engine.choose_precision() != "float32":  # as serve's warm-up does
-        engine.encode(load_image(warm_up))
     batch = preprocess(load_image(measured), engine.input_size)[None]
     times = []
     for _ in range(encodes):
         started = time.perf_counter()
         engine.encode_batch(batch)
         times.append(time.perf_counter() - started)
-    from sam_backend.sam.attention_kernel import kernel_status
+    from sam_backend.accel.attention_kernel import kernel_status
 
     return {"encode": statistics.median(times), "all": times, "allocator": allocator_in_use(),
             "precision": engine.precision, "parity": str(engine.parity) if engine.parity else "",
@@ -195,7 +193,7 @@ def main() -> None:
         return
 
     from embedding_store import vit_b_preset
-    from sam_backend.sam.precision import cpu_has_amx_bf16
+    from sam_backend.accel.precision import cpu_has_amx_bf16
 
     preset = vit_b_preset(args.preset_dir)
     plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("_SAM_ALLOCATOR")}

@@ -7,7 +7,7 @@ directory or Redis (:mod:`sam_backend.server.shared_state`), and, with
 :mod:`sam_backend.gunicorn_conf`'s hooks, their ``/metrics``.
 """
 
-from sam_backend.allocator import log_allocator_once
+from sam_backend.accel.allocator import log_allocator_once
 from sam_backend.logs import configure_logging
 from sam_backend.server.app import create_app
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from sam_backend import allocator
+from sam_backend.accel import allocator
 from sam_backend.commands import cli
-from sam_backend.allocator import (
+from sam_backend.accel.allocator import (
     JEMALLOC_CONF,
     REEXEC_ENV,
     REPORTED_ENV,
@@ -294,7 +294,7 @@ needs_tcmalloc = pytest.mark.skipif(not HAVE_TCMALLOC,
 
 CHILD = """\
 import os, sys
-from sam_backend.allocator import ensure_allocator, allocator_in_use
+from sam_backend.accel.allocator import ensure_allocator, allocator_in_use
 ensure_allocator()
 with open("/proc/self/maps") as maps:
     mapped = "libtcmalloc" in maps.read()

@@ -10,7 +10,7 @@ from conftest import build_tiny_segmenter, random_image
 torch = pytest.importorskip("torch")
 keras_hub = pytest.importorskip("keras_hub")
 
-from sam_backend.sam import attention, attention_kernel  # noqa: E402
+from sam_backend.accel import attention, attention_kernel  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -181,7 +181,7 @@ def test_source_fingerprint_mismatch_leaves_keras_hub_attention(monkeypatch, cap
     expected = run(model, x)
     monkeypatch.setattr(attention, "KNOWN_SOURCE_FINGERPRINTS", frozenset({"another keras-hub"}))
 
-    with caplog.at_level(logging.INFO, logger="sam_backend.sam.attention"):
+    with caplog.at_level(logging.INFO, logger="sam_backend.accel.attention"):
         assert attention.fuse_vitdet_attention(model) == 0
 
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -199,7 +199,7 @@ def test_unexpected_layer_is_left_alone(caplog, count_fused):
     odd = attention_layers(model)[1]
     odd.input_size = (5, 5)  # its tables no longer have the shape the fused path expects
 
-    with caplog.at_level(logging.WARNING, logger="sam_backend.sam.attention"):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.accel.attention"):
         assert attention.fuse_vitdet_attention(model) == 2
 
     assert "call" not in vars(odd)
@@ -266,7 +266,7 @@ def test_block_source_mismatch_keeps_keras_hub_blocks(monkeypatch, caplog, count
     expected = run(model, x)
     monkeypatch.setattr(attention, "KNOWN_BLOCK_FINGERPRINTS", frozenset({"another keras-hub"}))
 
-    with caplog.at_level(logging.WARNING, logger="sam_backend.sam.attention"):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.accel.attention"):
         assert attention.fuse_vitdet_attention(model) == 3  # the attention itself is still fused
 
     assert "blocks keep keras-hub's own call" in caplog.text

@@ -14,7 +14,7 @@ from test_attention import TOLERANCE, attention_layers, images, randomise_rel_po
 torch = pytest.importorskip("torch")
 keras_hub = pytest.importorskip("keras_hub")
 
-from sam_backend.sam import attention, attention_kernel  # noqa: E402
+from sam_backend.accel import attention, attention_kernel  # noqa: E402
 
 AVX512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
 COMPILER = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -346,7 +346,7 @@ def test_failed_build_falls_back_with_a_warning(fresh_kernel, monkeypatch, caplo
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
 
-    with caplog.at_level(logging.WARNING, logger="sam_backend.sam.attention_kernel"):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.accel.attention_kernel"):
         assert attention_kernel.kernel() is None
         assert attention_kernel.kernel() is None  # decided once
 

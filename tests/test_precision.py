@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from sam_backend.sam import precision
+from sam_backend.accel import precision
 from sam_backend.sam.synthetic import iou
 
 torch = pytest.importorskip("torch")
@@ -37,7 +37,7 @@ def test_requested_precision(monkeypatch, value, expected):
 
 def test_unknown_precision_is_auto_with_a_warning(monkeypatch, caplog):
     monkeypatch.setenv(precision.ENV_VAR, "int4")
-    with caplog.at_level(logging.WARNING, logger="sam_backend.sam.precision"):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.accel.precision"):
         assert precision.requested_precision() == "auto"
     assert "SAM_PRECISION='int4'" in caplog.text
 
@@ -63,8 +63,8 @@ def test_bfloat16_kept_when_masks_match(engine, monkeypatch, caplog):
     image = precision.parity_scene(seed=7).image
     fp32 = engine.encode(image)
 
-    with caplog.at_level(logging.INFO, logger="sam_backend.sam.engine"):
-        assert engine.choose_precision() == "bfloat16"
+    with caplog.at_level(logging.INFO, logger="sam_backend.accel.precision"):
+        assert precision.choose_precision(engine) == "bfloat16"
     assert engine.parity.passed and engine.parity.mean_iou >= precision.PARITY_MIN_IOU
     assert engine.parity.ious.size >= 12  # a click (3 candidates) and a box on each shape
     assert "Image encoder in bfloat16" in caplog.text
@@ -81,8 +81,8 @@ def test_float32_kept_when_masks_differ(engine, monkeypatch, caplog):
     monkeypatch.setenv(precision.ENV_VAR, "bfloat16")
     monkeypatch.setattr(precision, "PARITY_MIN_IOU", 1.01)  # no reduced precision can reach it
 
-    with caplog.at_level(logging.WARNING, logger="sam_backend.sam.engine"):
-        assert engine.choose_precision() == "float32"
+    with caplog.at_level(logging.WARNING, logger="sam_backend.accel.precision"):
+        assert precision.choose_precision(engine) == "float32"
     assert not engine.parity.passed
     assert "stays float32" in caplog.text and "mean IoU" in caplog.text
 
@@ -90,26 +90,28 @@ def test_float32_kept_when_masks_differ(engine, monkeypatch, caplog):
 def test_wrong_reduced_encoder_is_refused(engine, monkeypatch):
     """The check compares real masks: an encoder that is off (here: features scaled) fails it."""
     monkeypatch.setenv(precision.ENV_VAR, "bfloat16")
-    real = type(engine)._encode_features
+    real = type(engine).encode_features
 
     def off(self, batch, precision_=None):
         features = real(self, batch, precision_)
         return features * 0.5 + 0.3 if precision_ == "bfloat16" else features
 
-    monkeypatch.setattr(type(engine), "_encode_features", off)
-    assert engine.choose_precision() == "float32"
+    monkeypatch.setattr(type(engine), "encode_features", off)
+    assert precision.choose_precision(engine) == "float32"
     assert engine.parity.mean_iou < precision.PARITY_MIN_IOU
 
 
-def test_warm_up_chooses_on_amx(engine, monkeypatch):
+def test_accelerate_chooses_on_amx(engine, monkeypatch):
+    from sam_backend.accel import accelerate
+
     monkeypatch.setenv(precision.ENV_VAR, "auto")
     monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
     monkeypatch.setattr(precision.ParityReport, "faster", True)  # the demo is too small for timing to tell
-    engine.warm_up()
+    accelerate(engine)
     assert engine.precision == "bfloat16"
 
     monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: False)
-    engine.warm_up()
+    accelerate(engine)
     assert engine.precision == "float32" and engine.parity is None
 
 
@@ -129,24 +131,24 @@ def test_store_keys_carry_the_precision(engine):
 def test_a_precision_that_cannot_run_keeps_float32(engine, monkeypatch, caplog):
     monkeypatch.setenv(precision.ENV_VAR, "bfloat16")
 
-    def unsupported(device_type, precision_):
-        raise RuntimeError(f"autocast to {precision_} is not supported on {device_type}")
+    def unsupported(*args, device_type, dtype, **kwargs):
+        raise RuntimeError(f"autocast to {dtype} is not supported on {device_type}")
 
-    monkeypatch.setattr("sam_backend.sam.engine.autocast", unsupported)
-    with caplog.at_level(logging.WARNING, logger="sam_backend.sam.engine"):
-        assert engine.choose_precision() == "float32"
+    monkeypatch.setattr(torch, "autocast", unsupported)
+    with caplog.at_level(logging.WARNING, logger="sam_backend.accel.precision"):
+        assert precision.choose_precision(engine) == "float32"
     assert engine.parity is None and "bfloat16 failed (RuntimeError" in caplog.text
 
 
 def test_auto_keeps_float32_where_reduced_is_not_faster(engine, monkeypatch, caplog):
     monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
     monkeypatch.setattr(precision.ParityReport, "faster", False)
-    with caplog.at_level(logging.INFO, logger="sam_backend.sam.engine"):
-        assert engine.choose_precision("auto") == "float32"
+    with caplog.at_level(logging.INFO, logger="sam_backend.accel.precision"):
+        assert precision.choose_precision(engine, "auto") == "float32"
     assert engine.parity.passed and "is not enough faster here" in caplog.text
     assert engine.parity.seconds > 0 and engine.parity.float32_seconds > 0
 
-    assert engine.choose_precision("bfloat16") == "bfloat16"  # asked for by name: the masks alone decide
+    assert precision.choose_precision(engine, "bfloat16") == "bfloat16"  # asked for by name: the masks alone decide
 
 
 def test_reduced_precision_must_pay_by_a_margin():

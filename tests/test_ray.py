@@ -186,7 +186,7 @@ def test_the_ray_flags():
 
 
 def test_the_workers_get_the_settings_of_the_driver():
-    from sam_backend.commands.ray_pipeline import forwarded_env
+    from sam_backend.commands.ray_executor import forwarded_env
 
     env = {"SAM_MEDIA_ALLOWED_HOSTS": "127.0.0.1", "SAM_CACHE_URL": "redis://r:6379/0", "MODEL_DIR": "/data",
            "KERAS_BACKEND": "torch", "LABEL_STUDIO_API_KEY": "secret", "HOME": "/root", "PATH": "/bin"}
@@ -197,7 +197,7 @@ def test_the_workers_get_the_settings_of_the_driver():
 def test_an_address_nobody_answers_is_a_clear_error_at_once():
     import socket
 
-    from sam_backend.commands.ray_pipeline import RayUnavailableError, _check_reachable
+    from sam_backend.commands.ray_executor import RayUnavailableError, _check_reachable
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

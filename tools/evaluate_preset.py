@@ -32,6 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sam_backend.accel.attention import fuse_vitdet_attention  # noqa: E402
+from sam_backend.accel.precision import choose_precision  # noqa: E402
 from sam_backend.sam.engine import SamEngine  # noqa: E402
 from sam_backend.sam.synthetic import bounding_box, generate_scene, interior_point, iou  # noqa: E402
 
@@ -142,7 +144,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     engine = SamEngine.from_preset(args.preset)
-    engine.choose_precision(args.precision)
+    fuse_vitdet_attention(engine.model)  # as served
+    choose_precision(engine, args.precision)
     result = evaluate(engine, args.scenes, args.seed)
     result["preset"] = args.preset
     result["precision"] = engine.precision

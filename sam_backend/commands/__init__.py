@@ -1,10 +1,11 @@
 """The ``sam-backend`` command line: serve, precompute, preannotate, cache.
 
 :mod:`.cli` parses the command line (and starts the commands that run the
-model again under tcmalloc, :mod:`sam_backend.allocator`); :mod:`.precompute`
-and :mod:`.preannotate` run whole projects through label-studio-sdk, on this
-machine or, with ``--ray``, on a Ray cluster (:mod:`.ray_pipeline`, the
-optional ``[ray]`` extra).
+model again under tcmalloc, :mod:`sam_backend.accel.allocator`). Whole
+projects: :mod:`.runner` walks a project's tasks through a job,
+:mod:`.precompute` and :mod:`.preannotate` are the two jobs, and the model work
+runs in this process or, with ``--ray``, on a Ray cluster
+(:mod:`.ray_executor`, the optional ``[ray]`` extra).
 
 May import every other package; nothing imports it but ``sam_backend.__main__``.
 """

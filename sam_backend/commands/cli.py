@@ -14,7 +14,7 @@ from sam_backend.sam.presets import default_preset
 
 logger = logging.getLogger(__name__)
 
-#: The commands that run the model, and so are re-executed under tcmalloc (see :mod:`sam_backend.allocator`).
+#: The commands that run the model, and so are re-executed under tcmalloc (see :mod:`sam_backend.accel.allocator`).
 MODEL_COMMANDS = ("serve", "precompute", "preannotate")
 
 
@@ -57,7 +57,7 @@ def _non_negative_number(text: str) -> float:
 
 
 def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--ray [ADDRESS]`` and the actor pool's size (:mod:`sam_backend.commands.ray_pipeline`)."""
+    """``--ray [ADDRESS]`` and the actor pool's size (:mod:`sam_backend.commands.ray_executor`)."""
     ray = parser.add_argument_group("Ray", "run on a Ray cluster; needs pip install 'sam-backend[ray]'")
     ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                      help="run the model in a Ray actor pool: alone, on a Ray instance started on this machine; "
@@ -69,18 +69,22 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                      help="GPUs each worker reserves; 0.5 lets two share one (default 0)")
 
 
-def _ray_options(args: argparse.Namespace, fetch_tasks: int = 4):
-    from sam_backend.commands.ray_pipeline import RayOptions
+def _ray_executor(args: argparse.Namespace, fetch_tasks: int = 4, batch_size: int = 1):
+    """The ``RayExecutor`` of ``--ray [ADDRESS]`` and its actor pool flags, or None without ``--ray``."""
+    if args.ray is None:
+        return None
+    from sam_backend.commands.ray_executor import RayExecutor, RayOptions
 
-    return RayOptions(address=args.ray, actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
-                      gpus_per_actor=args.ray_gpus_per_actor, fetch_tasks=fetch_tasks, log_level=args.log_level)
+    options = RayOptions(address=args.ray, actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
+                         gpus_per_actor=args.ray_gpus_per_actor, fetch_tasks=fetch_tasks, log_level=args.log_level)
+    return RayExecutor(options, batch_size=batch_size)
 
 
 def _ray_missing(args: argparse.Namespace) -> bool:
     """With ``--ray``, whether Ray is missing (logged, naming the extra): checked before anything else."""
     if args.ray is None:
         return False
-    from sam_backend.commands.ray_pipeline import RayUnavailableError, require_ray
+    from sam_backend.commands.ray_executor import RayUnavailableError, require_ray
 
     try:
         require_ray()
@@ -193,15 +197,9 @@ def preannotate_command(args: argparse.Namespace) -> int:
         where = f", on Ray ({args.ray}, {args.ray_actors} actor(s))" if args.ray is not None else ""
         sys.stderr.write(f"Pre-annotating project {args.project} at {args.url} with {backend.model_version} "
                          f"(mode {settings.mode}{', dry run' if args.dry_run else ''}{where})\n")
-        options = dict(view=args.view, limit=args.limit, overwrite=args.overwrite, dry_run=args.dry_run,
-                       batch_size=args.batch_size, progress=not args.no_progress)
-        if args.ray is not None:
-            from sam_backend.commands.ray_pipeline import RayPreannotator
-
-            runner = RayPreannotator(backend, project, settings, _ray_options(args), **options)
-        else:
-            runner = Preannotator(backend, project, settings, **options)
-        summary = runner.run()
+        summary = Preannotator(backend, project, settings, executor=_ray_executor(args, batch_size=args.batch_size),
+                               view=args.view, limit=args.limit, overwrite=args.overwrite, dry_run=args.dry_run,
+                               batch_size=args.batch_size, progress=not args.no_progress).run()
     except SamBackendError as exc:
         logger.error("%s", exc)
         return 2
@@ -217,7 +215,7 @@ def precompute_command(args: argparse.Namespace) -> int:
     from sam_backend.errors import SamBackendError
     from sam_backend.labelstudio.api import LabelStudioProject
     from sam_backend.labelstudio.media import Credentials
-    from sam_backend.sam.engine import SamEngine
+    from sam_backend.server.loading import load_engine
 
     if _ray_missing(args):
         return 2
@@ -226,24 +224,19 @@ def precompute_command(args: argparse.Namespace) -> int:
         # Check Label Studio and the store before the model loads (a minute for a large preset).
         data_key = args.data_key or image_data_key(project.label_config())
         store = open_store(cache_dir=args.cache_dir, required=True)
-        if args.ray is not None:
-            from sam_backend.commands.ray_pipeline import RayPrecomputer
-
+        preset = args.preset or default_preset()
+        executor = _ray_executor(args, fetch_tasks=args.fetch_threads)
+        if executor is not None:
             # The actors open the same store (SAM_CACHE_URL, else this directory, which must be shared on a cluster).
-            sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {args.preset or default_preset()} "
-                             f"on Ray ({args.ray}, {args.ray_actors} actor(s)) into {store.location}\n")
-            summary = RayPrecomputer(args.preset or default_preset(), project, Credentials(args.url, args.api_key),
-                                     _ray_options(args, args.fetch_threads), view=args.view, data_key=data_key,
-                                     cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress).run()
-            sys.stdout.write("\n".join(summary.lines()) + "\n")
-            return summary.exit_code
-        engine = SamEngine.from_preset(args.preset or default_preset(), device=args.device)
-        engine.warm_up()  # picks the precision the server picks, so that it finds these embeddings
-        sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {engine.preset} "
-                         f"on {engine.device_name} ({engine.precision}) into {store.location}\n")
-        summary = Precomputer(EmbeddingTiers(engine, store=store), project, Credentials(args.url, args.api_key), view=args.view,
-                              data_key=data_key, fetch_threads=args.fetch_threads,
-                              progress=not args.no_progress).run()
+            embeddings, where = None, f"on Ray ({args.ray}, {args.ray_actors} actor(s))"
+        else:
+            engine = load_engine(preset, device=args.device)  # the server's precision too
+            embeddings, where = EmbeddingTiers(engine, store=store), f"on {engine.device_name} ({engine.precision})"
+        sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {preset} {where} "
+                         f"into {store.location}\n")
+        summary = Precomputer(embeddings, project, Credentials(args.url, args.api_key), view=args.view,
+                              data_key=data_key, fetch_threads=args.fetch_threads, progress=not args.no_progress,
+                              executor=executor, preset=preset, device=args.device, cache_dir=args.cache_dir).run()
     except SamBackendError as exc:
         logger.error("%s", exc)
         return 2
@@ -349,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "log_level", None))
     if args.command in MODEL_COMMANDS:
-        from sam_backend.allocator import ensure_allocator, log_allocator
+        from sam_backend.accel.allocator import ensure_allocator, log_allocator
 
         # Before torch is imported; only a real command line can be started
         # again, so main([...]) called from Python (the tests) runs as it is.

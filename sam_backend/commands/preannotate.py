@@ -1,25 +1,26 @@
 """``sam-backend preannotate``: masks for every task of a Label Studio project, resumable.
 
-It walks the project's tasks through label-studio-sdk, skips those that
+:class:`PrelabelJob` is what the run does with a task: it skips those that
 already have a prediction of the current model version (so a second run after
 an interruption goes on where the first stopped), computes masks exactly as
-"Retrieve predictions" does (:meth:`SamBackend.prelabel`), and uploads them in
-batches. A task that fails is recorded with its reason and the run goes on;
-Ctrl-C stops after the current task, uploads what is done and prints the
-summary. On a GPU the images of a batch are encoded together.
+"Retrieve predictions" does (:meth:`SamBackend.prelabel`, in a
+:class:`PrelabelWorker`), and uploads them in batches. A task that fails is
+recorded with its reason and the run goes on.
+:class:`~sam_backend.commands.runner.ProjectRunner` walks the project (Ctrl-C,
+Label Studio going away, progress), with the model in this process or on Ray.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-import time
 from dataclasses import dataclass
 
+from sam_backend.commands.runner import InProcessExecutor, Item, Job, PrefetchedMedia, ProjectRunner, WorkerFailed
 from sam_backend.errors import SamBackendError
-from sam_backend.labelstudio.labelconfig import parse_label_config
-from sam_backend.labelstudio.api import LabelStudioError, LabelStudioProject, RunSummary
+from sam_backend.labelstudio.api import LabelStudioProject, RunSummary
+from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config
+from sam_backend.labelstudio.media import Credentials
+from sam_backend.logs import configure_logging
 from sam_backend.server.prelabel import PrelabelSettings
 
 logger = logging.getLogger(__name__)
@@ -58,15 +59,132 @@ class Summary(RunSummary):
         return lines
 
 
-class Preannotator:
-    """Pre-annotate one project with a :class:`~sam_backend.server.backend.SamBackend`.
+class PrelabelJob(Job):
+    """Pre-annotation as a :class:`~sam_backend.commands.runner.Job`: which tasks, their predictions, the uploads.
 
     Args:
-        backend: computes predictions (its model must be loaded).
+        backend: a :class:`~sam_backend.server.backend.SamBackend`: names the
+            model version and holds the credentials; in-process runs use its
+            loaded model, Ray actors load the same preset.
+        project: the Label Studio project (uploads go there).
+        settings: what to predict (mode, automatic mask settings).
+        overwrite: recompute tasks that have our prediction, replacing it.
+        dry_run: compute but upload nothing.
+        batch_size: predictions per upload.
+        log_level: the Ray workers' logging level.
+    """
+
+    def __init__(self, backend, project: LabelStudioProject, settings: PrelabelSettings, overwrite: bool = False,
+                 dry_run: bool = False, batch_size: int = 16, log_level: str = "WARNING"):
+        self.backend, self.project, self.settings = backend, project, settings
+        self.overwrite, self.dry_run, self.batch_size, self.log_level = overwrite, dry_run, batch_size, log_level
+        self.summary = Summary()
+        self.version = backend.model_version
+        self._uploads: list[dict] = []
+        self._replaced: list = []
+
+    def prepare(self, project: LabelStudioProject) -> None:
+        self.label_config = project.label_config()
+        self.config = parse_label_config(self.label_config)
+        self.settings.output.kinds(self.config)  # an output the config cannot take stops the run here, not per task
+
+    def select(self, task: dict) -> Item | None:
+        if our_predictions(task, self.version) and not self.overwrite:
+            self.summary.skipped += 1
+            return None
+        url = (task.get("data") or {}).get(self.config.image_key)
+        return Item(task["id"], url if isinstance(url, str) else "", task)
+
+    def credentials(self) -> Credentials:
+        credentials = self.backend.credentials
+        return Credentials(credentials.hostname or self.project.url, credentials.token)
+
+    def local_worker(self, media: PrefetchedMedia) -> "PrelabelWorker":
+        from sam_backend.server.backend import SamBackend
+
+        # The loaded model, with the runner's prefetched images for media.
+        backend = SamBackend(holder=self.backend.holder, fetcher=media, credentials=self.backend.credentials)
+        return PrelabelWorker(backend, self.config, self.settings, self.project.project)
+
+    def remote_worker(self):
+        return PrelabelWorker.load, {"preset": self.backend.preset, "credentials": self.backend.credentials,
+                                     "project": self.project.project, "label_config": self.label_config,
+                                     "settings": self.settings, "log_level": self.log_level}
+
+    def record(self, item: Item, result: dict) -> None:
+        if result["error"] is not None:
+            self.summary.failed[item.id] = result["error"]
+            return
+        self._uploads.append({"task": item.id, **result["prediction"]})
+        self._replaced += [p["id"] for p in our_predictions(item.task, self.version) if "id" in p]
+        if len(self._uploads) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        uploads, replaced, self._uploads, self._replaced = self._uploads, self._replaced, [], []
+        upload_predictions(self.project, uploads, replaced, self.summary, self.dry_run)
+
+    def progress(self) -> dict:
+        return {"done": self.summary.done, "skipped": self.summary.skipped, "failed": len(self.summary.failed)}
+
+
+class PrelabelWorker:
+    """The per-task work of pre-annotation: :meth:`SamBackend.prelabel`, or the reason it failed.
+
+    Args:
+        backend: a :class:`~sam_backend.server.backend.SamBackend` with its model loaded.
+        config: the project's parsed label config.
+        settings: what to predict.
+        project: the project id.
+
+    Example:
+        >>> worker = PrelabelWorker.load(PrefetchedMedia(), "demo", Credentials(url, token), 3, xml, PrelabelSettings())  # doctest: +SKIP
+        >>> worker(Item(7, "/data/upload/3/a.png", task))["prediction"]["result"]  # doctest: +SKIP
+    """
+
+    def __init__(self, backend, config: LabelConfig, settings: PrelabelSettings, project):
+        self.backend, self.config, self.settings, self.project = backend, config, settings, project
+
+    @classmethod
+    def load(cls, media: PrefetchedMedia, preset: str, credentials: Credentials, project, label_config: str,
+             settings: PrelabelSettings, log_level: str = "WARNING") -> "PrelabelWorker":
+        """A worker with its own model (a Ray actor), loaded as the server loads it.
+
+        Raises:
+            WorkerFailed: the model cannot be loaded.
+        """
+        from sam_backend.server.backend import ModelHolder, SamBackend
+
+        configure_logging(log_level)
+        holder = ModelHolder(preset).start()
+        holder.wait()
+        try:
+            holder.engine()
+        except SamBackendError as exc:
+            raise WorkerFailed(str(exc)) from exc
+        backend = SamBackend(holder=holder, fetcher=media, credentials=credentials)
+        return cls(backend, parse_label_config(label_config), settings, project)
+
+    def start_batch(self, items: list[Item]) -> None:
+        encode_together(self.backend, [item.task for item in items], self.config, self.project)
+
+    def __call__(self, item: Item) -> dict:
+        prediction, reason = predict_or_reason(self.backend, item.task, self.config, self.settings, self.project)
+        return {"prediction": prediction, "error": reason}
+
+
+class Preannotator(ProjectRunner):
+    """Pre-annotate one project: a :class:`PrelabelJob` walked by a :class:`~sam_backend.commands.runner.ProjectRunner`.
+
+    Args:
+        backend: a :class:`~sam_backend.server.backend.SamBackend` (its model
+            loaded, unless ``executor`` runs the model elsewhere).
         project: the Label Studio project.
         settings: what to predict (mode, automatic mask settings).
+        executor: where the model runs: in this process (default), or a
+            :class:`~sam_backend.commands.ray_executor.RayExecutor`.
         view: a data manager view id, to work on its tasks only.
-        limit: stop after this many tasks given a prediction.
+        limit: stop after this many tasks given to the model.
         overwrite: recompute tasks that have our prediction, replacing it.
         dry_run: compute but upload nothing.
         batch_size: tasks per upload (and per encoder call on a GPU).
@@ -79,104 +197,22 @@ class Preannotator:
         (120, 30, {})
     """
 
-    def __init__(
-        self,
-        backend,
-        project: LabelStudioProject,
-        settings: PrelabelSettings,
-        view: int | None = None,
-        limit: int | None = None,
-        overwrite: bool = False,
-        dry_run: bool = False,
-        batch_size: int = 16,
-        progress: bool = True,
-    ):
+    def __init__(self, backend, project: LabelStudioProject, settings: PrelabelSettings, executor=None,
+                 view: int | None = None, limit: int | None = None, overwrite: bool = False, dry_run: bool = False,
+                 batch_size: int = 16, progress: bool = True):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.backend, self.project, self.settings = backend, project, settings
-        self.view, self.limit, self.overwrite, self.dry_run = view, limit, overwrite, dry_run
-        self.batch_size, self.progress = batch_size, progress
-        self.stop = threading.Event()
-
-    def run(self) -> Summary:
-        """Walk the project once; Ctrl-C (in the main thread) stops after the current task."""
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, self._on_interrupt)
-            try:
-                return self._run()
-            finally:
-                signal.signal(signal.SIGINT, previous)
-        return self._run()
-
-    def _on_interrupt(self, signum, frame) -> None:
-        if self.stop.is_set():
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        logger.warning("Stopping after the current task (Ctrl-C again to stop at once)...")
-        self.stop.set()
-
-    def _run(self) -> Summary:
-        from tqdm import tqdm
-
-        started = time.monotonic()
-        summary = Summary()
-        config = parse_label_config(self.project.label_config())
-        self.settings.output.kinds(config)  # an output the config cannot take stops the run here, not per task
-        version = self.backend.model_version
-        total = self.project.count_tasks(self.view)
-        bar = tqdm(total=min(total, self.limit) if self.limit else total, unit="task", disable=not self.progress,
-                   dynamic_ncols=True, desc=f"project {self.project.project}")
-        batch: list[dict] = []
-        try:
-            for task in self.project.iter_tasks(self.view):
-                if self.stop.is_set():
-                    summary.interrupted, summary.stopped_by = True, "Ctrl-C"
-                    break
-                if self.limit is not None and summary.done + len(summary.failed) + len(batch) >= self.limit:
-                    break
-                if our_predictions(task, version) and not self.overwrite:
-                    summary.skipped += 1
-                    bar.update(1)
-                    continue
-                batch.append(task)
-                if len(batch) >= self.batch_size:
-                    self._process(batch, config, summary, bar)
-                    batch = []
-            if batch:  # after Ctrl-C, _process uploads nothing more and marks the run interrupted
-                self._process(batch, config, summary, bar)
-        except LabelStudioError as exc:
-            # Retries are spent: Label Studio is down or refuses us. What is
-            # uploaded stays; the next run resumes after it.
-            logger.error("%s", exc)
-            summary.interrupted, summary.stopped_by = True, str(exc)
-        finally:
-            bar.close()
-        summary.seconds = time.monotonic() - started
-        return summary
-
-    def _process(self, tasks: list[dict], config, summary: Summary, bar) -> None:
-        version = self.backend.model_version
-        encode_together(self.backend, tasks, config, self.project.project)
-        uploads, replaced = [], []
-        for task in tasks:
-            if self.stop.is_set():
-                summary.interrupted, summary.stopped_by = True, "Ctrl-C"
-                break
-            prediction, reason = predict_or_reason(self.backend, task, config, self.settings, self.project.project)
-            if reason is not None:
-                summary.failed[task.get("id")] = reason
-            else:
-                uploads.append({"task": task["id"], **prediction})
-                replaced += [p["id"] for p in our_predictions(task, version) if "id" in p]
-            bar.update(1)
-        upload_predictions(self.project, uploads, replaced, summary, bar, self.dry_run)
+        job = PrelabelJob(backend, project, settings, overwrite=overwrite, dry_run=dry_run, batch_size=batch_size,
+                          log_level=getattr(executor, "log_level", "WARNING"))
+        super().__init__(job, project, executor if executor is not None else InProcessExecutor(batch_size),
+                         view=view, limit=limit, progress=progress)
 
 
-def upload_predictions(project: LabelStudioProject, uploads: list[dict], replaced: list, summary: Summary, bar,
+def upload_predictions(project: LabelStudioProject, uploads: list[dict], replaced: list, summary: Summary,
                        dry_run: bool = False) -> None:
     """Replace our earlier predictions (ids in ``replaced``) by ``uploads``, and count them in ``summary``.
 
-    The single-machine run and the Ray run (:mod:`.ray_pipeline`) both upload
-    through here; a dry run counts without uploading.
+    A dry run counts without uploading.
     """
     if not dry_run and uploads:
         for prediction_id in replaced:
@@ -186,15 +222,10 @@ def upload_predictions(project: LabelStudioProject, uploads: list[dict], replace
         summary.done += 1
         summary.masks += len(upload["result"])
         summary.empty += not upload["result"]
-    bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=len(summary.failed), refresh=False)
 
 
 def predict_or_reason(backend, task: dict, config, settings: PrelabelSettings, project) -> tuple[dict | None, str | None]:
-    """``(prediction, None)`` for one task (:meth:`SamBackend.prelabel`), or ``(None, why it failed)``.
-
-    The single-machine run and the Ray actors (:mod:`.ray_pipeline`) both
-    call it, so a task gets the same prediction, or the same reason, either way.
-    """
+    """``(prediction, None)`` for one task (:meth:`SamBackend.prelabel`), or ``(None, why it failed)``."""
     try:
         return backend.prelabel(task, config, settings, project=project), None
     except SamBackendError as exc:

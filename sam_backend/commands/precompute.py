@@ -4,25 +4,25 @@ Run it overnight (or on a GPU machine, then copy the store directory to the
 serving host): afterwards the first click on any task costs what the tenth
 does. Images already stored are skipped, so a second run, or a run after an
 interruption, only encodes what is missing; entries are written atomically,
-so an interrupted run leaves nothing half-written.
+so an interrupted run leaves nothing half-written. :class:`PrecomputeJob` is
+what the run does with a task; :class:`~sam_backend.commands.runner.ProjectRunner`
+walks the project, with the encoder in this process or on Ray.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from typing import TYPE_CHECKING, Iterator
-
+from sam_backend.commands.runner import (InProcessExecutor, Item, Job, PrefetchedMedia, ProjectRunner, WorkerFailed,
+                                         failure_reason)
 from sam_backend.embeddings.fingerprints import image_identity
 from sam_backend.errors import LabelConfigError, SamBackendError, StoreError
-from sam_backend.labelstudio.api import LabelStudioError, LabelStudioProject, RunSummary
+from sam_backend.labelstudio.api import LabelStudioProject, RunSummary
 from sam_backend.labelstudio.labelconfig import parse_label_config
 from sam_backend.labelstudio.media import Credentials, MediaFetcher
+from sam_backend.logs import configure_logging
 from sam_backend.sam.images import load_image
 
 if TYPE_CHECKING:
@@ -82,14 +82,129 @@ def image_data_key(label_config: str) -> str:
         return (images[0].value or "").lstrip("$") or images[0].name
 
 
-class Precomputer:
-    """Encodes the images of a project's tasks into an embedding store.
+class PrecomputeJob(Job):
+    """Precomputing as a :class:`~sam_backend.commands.runner.Job`: tasks with an image, each stored once.
+
+    Args:
+        credentials: for task media (Label Studio's URL and token).
+        embeddings: :class:`~sam_backend.embeddings.tiers.EmbeddingTiers` with
+            a store, for a run in this process.
+        data_key: the task data field with the image URL (default: from the label config).
+        preset, device, cache_dir, log_level: how a Ray actor opens its own
+            model and store (on a cluster, ``SAM_CACHE_URL`` or a directory every node shares).
+    """
+
+    unit = "image"
+
+    def __init__(self, credentials: Credentials, embeddings: EmbeddingTiers | None = None, data_key: str | None = None,
+                 preset: str | None = None, device: str | None = None, cache_dir: str | None = None,
+                 log_level: str = "WARNING"):
+        if embeddings is not None and embeddings.store is None:
+            raise StoreError("precompute needs an embedding store; none is configured or it is not writable.")
+        self._credentials, self.embeddings, self.data_key = credentials, embeddings, data_key
+        self.preset, self.device, self.cache_dir, self.log_level = preset, device, cache_dir, log_level
+        self.summary = PrecomputeSummary()
+
+    def prepare(self, project: LabelStudioProject) -> None:
+        self.data_key = self.data_key or image_data_key(project.label_config())
+        logger.info("Precomputing the tasks of project %s (image field %r)", project.project, self.data_key)
+
+    def select(self, task: dict) -> Item | None:
+        url = (task.get("data") or {}).get(self.data_key)
+        if isinstance(url, str) and url:
+            return Item(task.get("id"), url, task)
+        self.summary.tasks += 1
+        self.summary.no_image += 1
+        logger.info("Task %s has no %r URL in its data; skipped.", task.get("id"), self.data_key)
+        return None
+
+    def credentials(self) -> Credentials:
+        return self._credentials
+
+    def local_worker(self, media: PrefetchedMedia) -> "PrecomputeWorker":
+        return PrecomputeWorker(self.embeddings, media)
+
+    def remote_worker(self):
+        return PrecomputeWorker.load, {"preset": self.preset, "device": self.device, "cache_dir": self.cache_dir,
+                                       "log_level": self.log_level}
+
+    def record(self, item: Item, result: dict) -> None:
+        self.summary.tasks += 1
+        if result["outcome"] == "encoded":
+            self.summary.encoded += 1
+        elif result["outcome"] == "stored":
+            self.summary.stored += 1
+        else:
+            self.summary.failed[item.id] = result["error"]
+
+    def progress(self) -> dict:
+        return {"encoded": self.summary.encoded, "stored": self.summary.stored, "failed": len(self.summary.failed)}
+
+
+class PrecomputeWorker:
+    """The per-task work of precomputing: the task's image into the store, unless it is there.
+
+    Args:
+        embeddings: :class:`~sam_backend.embeddings.tiers.EmbeddingTiers` with a store.
+        media: the images fetched for the worker's tasks.
+
+    Example:
+        >>> worker = PrecomputeWorker.load(PrefetchedMedia(), "demo", cache_dir="/shared/embeddings")  # doctest: +SKIP
+        >>> worker(Item(7, "/data/upload/3/a.png", task))  # doctest: +SKIP
+        {'outcome': 'encoded', 'error': ''}
+    """
+
+    def __init__(self, embeddings: EmbeddingTiers, media):
+        self.embeddings, self.media = embeddings, media
+
+    @classmethod
+    def load(cls, media: PrefetchedMedia, preset: str, device: str | None = None, cache_dir: str | None = None,
+             log_level: str = "WARNING") -> "PrecomputeWorker":
+        """A worker with its own model and store (a Ray actor), opened as ``sam-backend precompute`` opens them.
+
+        Raises:
+            WorkerFailed: the model or the store cannot be used.
+        """
+        from sam_backend.embeddings.settings import open_store
+        from sam_backend.embeddings.tiers import EmbeddingTiers
+        from sam_backend.server.loading import load_engine
+
+        configure_logging(log_level)
+        try:
+            store = open_store(cache_dir=cache_dir, required=True)
+            engine = load_engine(preset, device=device)  # the precision a served worker here picks: keys agree
+        except Exception as exc:
+            raise WorkerFailed(str(exc) if isinstance(exc, SamBackendError) else f"{type(exc).__name__}: {exc}") from exc
+        return cls(EmbeddingTiers(engine, store=store), media)
+
+    def start_batch(self, items: list[Item]) -> None:
+        """Images are encoded one by one (the store is written per image)."""
+
+    def __call__(self, item: Item) -> dict:
+        """``outcome`` (``encoded``, ``stored`` or ``failed``) and ``error``.
+
+        Raises:
+            StoreError: the store cannot be written: every later image would fail too.
+        """
+        try:
+            path = self.media.fetch(item.url, task_id=item.id)
+            encoded = store_image(self.embeddings, image_identity(item.url, path), path, item.url, item.id)
+        except StoreError:
+            raise
+        except Exception as exc:  # this task's fault, or a bug: reported, and the run goes on
+            return {"outcome": "failed", "error": failure_reason(item.id, exc)}
+        return {"outcome": "encoded" if encoded else "stored", "error": ""}
+
+
+class Precomputer(ProjectRunner):
+    """Encode the images of a project's tasks into an embedding store (a :class:`PrecomputeJob`, walked).
 
     Images are fetched (and hashed) by a few threads ahead of the encoder, so
     downloads overlap encoding.
 
     Args:
-        embeddings: :class:`~sam_backend.embeddings.tiers.EmbeddingTiers` with a store.
+        embeddings: :class:`~sam_backend.embeddings.tiers.EmbeddingTiers` with
+            a store (None when ``executor`` runs the encoder elsewhere).
         project: the Label Studio project.
         credentials: for task media (Label Studio's URL and token).
         view: only the tasks of this data manager view.
@@ -97,142 +212,32 @@ class Precomputer:
         fetcher: a :class:`MediaFetcher` (default: the server's media cache).
         fetch_threads: parallel downloads.
         progress: show a progress bar.
+        executor: where the encoder runs: in this process (default), or a
+            :class:`~sam_backend.commands.ray_executor.RayExecutor`.
+        preset, device, cache_dir: how Ray actors open their model and store.
 
     Example:
-        >>> tiers = EmbeddingTiers(SamEngine.from_preset("sam_base_sa1b"), store=open_store(required=True))  # doctest: +SKIP
+        >>> tiers = EmbeddingTiers(load_engine("sam_base_sa1b"), store=open_store(required=True))  # doctest: +SKIP
         >>> project = LabelStudioProject("http://localhost:8080", "<token>", 3)  # doctest: +SKIP
         >>> Precomputer(tiers, project, Credentials("http://localhost:8080", "<token>")).run().lines()  # doctest: +SKIP
         ['120 task(s) in 2400s: 118 encoded, 2 already stored, 0 without an image, 0 failed']
     """
 
-    def __init__(self, embeddings: EmbeddingTiers, project: LabelStudioProject, credentials: Credentials, view: int | None = None,
-                 data_key: str | None = None, fetcher: MediaFetcher | None = None, fetch_threads: int = 4,
-                 progress: bool = True):
-        if embeddings.store is None:
-            raise StoreError("precompute needs an embedding store; none is configured or it is not writable.")
-        self.embeddings, self.project, self.credentials = embeddings, project, credentials
-        self.view, self.data_key = view, data_key
-        self.fetcher = fetcher or MediaFetcher()
-        self.fetch_threads = max(1, fetch_threads)
-        self.progress = progress
-
-    def run(self) -> PrecomputeSummary:
-        """Walk the project once. Ctrl-C stops it; what is stored stays stored.
-
-        Raises:
-            LabelStudioError: the project cannot be read at all (wrong URL, token or id).
-            LabelConfigError: no image field can be found.
-            StoreError: the store cannot be written (full disk...): every
-                later image would fail too.
-        """
-        from tqdm import tqdm
-
-        started = time.monotonic()
-        summary = PrecomputeSummary()
-        data_key = self.data_key or image_data_key(self.project.label_config())
-        total = self.project.count_tasks(self.view)
-        logger.info("Precomputing %d task(s) of project %s (image field %r) into %s",
-                    total, self.project.project, data_key, self.embeddings.store.location)
-        bar = tqdm(total=total, unit="image", disable=not self.progress, dynamic_ncols=True,
-                   desc=f"project {self.project.project}")
-        pool = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="sam-fetch")
-        try:
-            with stop_resumably(summary):
-                self._walk(data_key, summary, bar, pool)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-            bar.close()
-        summary.seconds = time.monotonic() - started
-        return summary
-
-    def _walk(self, data_key: str, summary: PrecomputeSummary, bar, pool: ThreadPoolExecutor) -> None:
-        tasks = iter(self.project.iter_tasks(self.view))
-        pending: deque[tuple[dict, Future | None]] = deque()
-
-        def submit_next() -> None:
-            task = next(tasks, None)
-            if task is None:
-                return
-            url = (task.get("data") or {}).get(data_key)
-            future = pool.submit(self._fetch, url, task.get("id")) if isinstance(url, str) and url else None
-            pending.append((task, future))
-
-        for _ in range(2 * self.fetch_threads):  # downloads run this far ahead of the encoder
-            submit_next()
-        while pending:
-            task, future = pending.popleft()
-            submit_next()
-            summary.tasks += 1
-            self._encode(task, future, data_key, summary)
-            bar.update(1)
-            bar.set_postfix(encoded=summary.encoded, stored=summary.stored, failed=len(summary.failed), refresh=False)
-
-    def _fetch(self, url: str, task_id) -> tuple[str, str, str]:
-        """``(url, image identity, local path)``: in a fetch thread."""
-        path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials)
-        return url, image_identity(url, path), path
-
-    def _encode(self, task: dict, future: Future | None, data_key: str, summary: PrecomputeSummary) -> None:
-        task_id = task.get("id")
-        if future is None:
-            summary.no_image += 1
-            logger.info("Task %s has no %r URL in its data; skipped.", task_id, data_key)
-            return
-        try:
-            url, identity, path = future.result()
-            encoded = store_image(self.embeddings, identity, path, url, task_id)
-        except StoreError:
-            raise
-        except Exception as exc:  # this task's fault, or a bug: reported, and the run goes on
-            summary.failed[task_id] = failure_reason(task_id, exc)
-            return
-        if encoded:
-            summary.encoded += 1
-        else:
-            summary.stored += 1
-
-
-@contextlib.contextmanager
-def stop_resumably(summary: PrecomputeSummary) -> Iterator[None]:
-    """End a walk over a project's images on Ctrl-C, or when Label Studio goes away after the first task.
-
-    What is stored stays stored and the summary says the run was interrupted,
-    so the next run resumes; a Label Studio error before any task is raised
-    (nothing was done: the caller reports it). The single-machine and the Ray
-    precompute both walk inside it.
-    """
-    try:
-        yield
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        logger.warning("Interrupted after %d task(s); stored images stay stored.", summary.tasks)
-    except LabelStudioError as exc:
-        if summary.tasks == 0:
-            raise
-        summary.interrupted = True
-        logger.error("%s", exc)
+    def __init__(self, embeddings: EmbeddingTiers | None, project: LabelStudioProject, credentials: Credentials,
+                 view: int | None = None, data_key: str | None = None, fetcher: MediaFetcher | None = None,
+                 fetch_threads: int = 4, progress: bool = True, executor=None, preset: str | None = None,
+                 device: str | None = None, cache_dir: str | None = None):
+        job = PrecomputeJob(credentials, embeddings, data_key=data_key, preset=preset, device=device,
+                            cache_dir=cache_dir, log_level=getattr(executor, "log_level", "WARNING"))
+        executor = executor if executor is not None else InProcessExecutor(1, fetch_threads, fetcher)
+        super().__init__(job, project, executor, view=view, progress=progress)
 
 
 def store_image(embeddings: EmbeddingTiers, identity: str, path: str, url: str, task_id) -> bool:
     """Encode a task's fetched image into the store unless it is there; True if encoded now.
-
-    The single-machine run and the Ray actors (:mod:`.ray_pipeline`) both call
-    it, so an image gets the same entry either way.
 
     Raises:
         StoreError: the store cannot be written (every later image would fail too).
         SamBackendError, OSError: this image cannot be read or encoded.
     """
     return embeddings.ensure_stored(identity, lambda: load_image(path, name=f"The image of task {task_id} ({url})"))
-
-
-def failure_reason(task_id, exc: Exception) -> str:
-    """Why a task's image could not be stored, for the summary (logged here, with a traceback for a bug)."""
-    if isinstance(exc, SamBackendError):
-        logger.warning("Task %s failed: %s", task_id, exc)
-        return str(exc)
-    if isinstance(exc, OSError):
-        logger.warning("Task %s failed: %s", task_id, exc)
-        return f"cannot read the fetched image: {exc}"
-    logger.error("Task %s failed", task_id, exc_info=exc)
-    return f"{type(exc).__name__}: {exc}"

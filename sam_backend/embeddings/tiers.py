@@ -105,7 +105,7 @@ class EmbeddingTiers:
         """The preset's identity in store keys: a hash of its config and weights, and the encoder's precision.
 
         Embeddings from a reduced-precision encoder (bfloat16 on a CPU with
-        AMX, see ``SamEngine.choose_precision``) are keyed apart from float32
+        AMX, see ``sam_backend.accel.precision``) are keyed apart from float32
         ones, so that switching ``SAM_PRECISION`` never serves the other's.
         """
         with self._fingerprint_lock:

@@ -20,13 +20,9 @@ import numpy as np
 import sam_backend  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 from sam_backend.errors import PromptError
 from sam_backend.sam.decoder import ClickDecoder, UnsupportedLayers
-from sam_backend.sam.attention import fuse_vitdet_attention
 from sam_backend.sam.images import ImageSource, load_image
 from sam_backend.sam.stats import EngineStats
-from sam_backend.sam.precision import (ParityReport, autocast, candidate_precision, cpu_has_amx_bf16,
-                                       parity_prompts, parity_scene, requested_precision)
 from sam_backend.sam.presets import import_keras_hub, load_segmenter, resolve_preset
-from sam_backend.sam.synthetic import iou
 from sam_backend.sam.transforms import Frame, postprocess_logits, preprocess
 
 logger = logging.getLogger(__name__)
@@ -138,8 +134,6 @@ class SamEngine:
         preset_dir: str | None = None,
     ):
         self.model = model
-        # One fused attention kernel per ViTDet block (SAM_FUSED_ATTENTION=0 keeps keras-hub's own).
-        fuse_vitdet_attention(model)
         self.preset = preset
         self.device = device or os.environ.get("SAM_DEVICE") or None
         backbone = model.backbone
@@ -157,11 +151,12 @@ class SamEngine:
         # The torch click decoder: built at the first decode (None: not yet; False: keras-hub's path).
         self._click_decoder: ClickDecoder | None | bool = None
         self._click_decoder_lock = threading.Lock()
-        #: The image encoder's precision: float32 until :meth:`choose_precision` (run by :meth:`warm_up`)
-        #: has checked that a reduced one gives float32's masks.
+        #: The image encoder's precision (torch autocast's dtype name). float32 unless something that
+        #: checked a reduced one gives float32's masks set it (``sam_backend.accel.precision``); the
+        #: embedding store keys carry it, so embeddings of different precisions never mix.
         self.precision = "float32"
-        #: What that check measured (None when no reduced precision was tried).
-        self.parity: ParityReport | None = None
+        #: What that check measured, for logs and benchmarks (None when none ran).
+        self.parity = None
 
     @classmethod
     def from_preset(cls, preset: str, device: str | None = None, **kwargs) -> "SamEngine":
@@ -207,14 +202,12 @@ class SamEngine:
         several boxes), upsampling a mask as a click does. Then checks that
         the torch click decoder gives keras-hub's masks, and falls back to
         keras-hub's layers if it does not (see :meth:`_get_click_decoder`).
-        Last, :meth:`choose_precision` picks the encoder's precision (on a CPU
-        with AMX, bfloat16 when its masks match float32's). Nothing here
-        counts as an encode or a click in :attr:`stats` or
+        Nothing here counts as an encode or a click in :attr:`stats` or
         :attr:`encoder_calls`.
         """
         size = self.input_size
         started = time.perf_counter()
-        features = self._encode_features(preprocess(np.zeros((size, size, 3), np.uint8), size)[None])
+        features = self.encode_features(preprocess(np.zeros((size, size, 3), np.uint8), size)[None])
         encoded = time.perf_counter()
         embedding = Embedding(features=features, frame=Frame.for_image((size, size), size))
         center, corner = [size / 2, size / 2], [size / 4, size / 4]
@@ -227,91 +220,17 @@ class SamEngine:
         ]
         for prompt in prompts:
             prompt = validate_prompt(prompt.get("points"), prompt.get("labels"), prompt.get("box"), (size, size))
-            prediction = self._decode(embedding, *prompt)
+            prediction = self.decode_uncounted(embedding, *prompt)
             prediction.mask  # noqa: B018  (the upsampling to the image size)
-        self._decode(embedding, *prompt, mask_input=prediction.low_res_logits[0]).mask  # a refinement click
+        self.decode_uncounted(embedding, *prompt, mask_input=prediction.low_res_logits[0]).mask  # a refinement click
         self._decode_boxes(embedding, [box, box + 1])
         logger.info(
             "Warm-up: first encode %.2fs, decodes %.2fs",
             encoded - started, time.perf_counter() - encoded,
         )
-        self.choose_precision()
-
-    def choose_precision(self, requested: str | None = None) -> str:
-        """Pick the image encoder's precision: a reduced one only where it is wanted and keeps the masks.
-
-        The candidate comes from ``SAM_PRECISION`` (or ``requested``; see
-        :func:`~sam_backend.sam.precision.candidate_precision`): bfloat16 on a
-        CPU with AMX by default, float32 elsewhere. A reduced candidate is
-        encoded beside float32 on the parity scene, and kept only if the masks
-        of a click and a box on each shape match float32's at a mean IoU of at
-        least :data:`~sam_backend.sam.precision.PARITY_MIN_IOU`
-        (:attr:`parity` holds the figures) and, under ``auto``, if its encode
-        was at least 1.5 times faster (timings assume a warm float32 encoder, as after
-        :meth:`warm_up`'s first encode). Embeddings from different precisions
-        never mix: the embedding store keys carry it.
-
-        Returns:
-            The precision now in use (:attr:`precision`).
-        """
-        wanted = requested or requested_precision()
-        candidate = candidate_precision(self._device_type, wanted)
-        if candidate == "float32":
-            self.precision, self.parity = "float32", None
-            return self.precision
-        if self._device_type == "cpu" and not cpu_has_amx_bf16():
-            logger.warning("%s asked for on a CPU without AMX: slower than float32 there.", candidate)
-        self.precision = "float32"
-        try:
-            self.parity = self._parity(candidate)
-        except Exception as exc:  # a precision this device or torch cannot run: float32 it is
-            self.parity = None
-            logger.warning("Image encoder stays float32: %s failed (%s: %s).", candidate, type(exc).__name__, exc)
-            return self.precision
-        if not self.parity.passed:
-            logger.warning("Image encoder stays float32: %s.", self.parity)
-        elif wanted == "auto" and not self.parity.faster:
-            logger.info("Image encoder stays float32: %s is not enough faster here (%s).", candidate, self.parity)
-        else:
-            self.precision = candidate
-            logger.info("Image encoder in %s (%s).", candidate, self.parity)
-        return self.precision
-
-    def _parity(self, precision: str) -> ParityReport:
-        """Masks from ``precision``'s embedding of the parity scene against float32's (not counted in stats)."""
-        scene = parity_scene()
-        size = self.input_size
-        batch = preprocess(scene.image, size)[None]
-        frame = Frame.for_image(scene.size, size)
-        features, float32_seconds = self._timed_encode(batch, "float32")
-        reference = Embedding(features, frame)
-        self._encode_features(batch, precision)  # its one-time costs (kernel selection) are not its speed
-        features, seconds = self._timed_encode(batch, precision)
-        reduced = Embedding(features, frame)
-        ious = []
-        for prompt in parity_prompts(scene):
-            points, labels, box = validate_prompt(prompt.get("points"), prompt.get("labels"), prompt.get("box"),
-                                                  scene.size)
-            expected = self._decode(reference, points, labels, box, multimask=prompt.get("multimask"))
-            got = self._decode(reduced, points, labels, box, multimask=prompt.get("multimask"))
-            ious.extend(iou(a, b) for a, b in zip(expected.masks, got.masks))
-        return ParityReport(precision, np.array(ious), seconds, float32_seconds)
-
-    def _timed_encode(self, batch: np.ndarray, precision: str, budget: float = 0.3):
-        """Features of ``batch`` at ``precision`` and the fastest of as many encodes as fit in ``budget`` seconds.
-
-        One encode for a large model; a small one's 20 ms encodes are timed
-        many times, so that every worker of a server times them alike.
-        """
-        times = []
-        while not times or (sum(times) < budget and len(times) < 50):
-            started = time.perf_counter()
-            features = self._encode_features(batch, precision)
-            times.append(time.perf_counter() - started)
-        return features, min(times)
 
     @cached_property
-    def _device_type(self) -> str:
+    def device_type(self) -> str:
         """``cpu``, ``cuda``... (what autocast needs)."""
         return self.device_name.split(":")[0]
 
@@ -338,15 +257,21 @@ class SamEngine:
     def encode_batch(self, batch: np.ndarray):
         """Image encoder on preprocessed ``(B, S, S, 3)`` inputs; torch features ``(B, h, w, C)``."""
         self.encoder_calls += 1
-        return self._encode_features(batch)
+        return self.encode_features(batch)
 
-    def _encode_features(self, batch: np.ndarray, precision: str | None = None):
-        """The image encoder at ``precision`` (default :attr:`precision`), not counted; float32 features."""
+    def encode_features(self, batch: np.ndarray, precision: str | None = None):
+        """The image encoder at ``precision`` (default :attr:`precision`), not counted; float32 features.
+
+        For warm-ups and checks that must not count as encodes.
+        """
         import torch
         from keras import ops
 
-        with torch.inference_mode(), device_scope(self.device), autocast(self._device_type,
-                                                                         precision or self.precision):
+        precision = precision or self.precision
+        # Under autocast the encoder's matrix multiplies run in the reduced dtype; float32 needs no context.
+        context = (contextlib.nullcontext() if precision == "float32"
+                   else torch.autocast(device_type=self.device_type, dtype=getattr(torch, precision)))
+        with torch.inference_mode(), device_scope(self.device), context:
             return self._encoder(ops.convert_to_tensor(batch, dtype="float32")).float()
 
     def encode_many(self, images: list[ImageSource]) -> list[Embedding]:
@@ -410,10 +335,11 @@ class SamEngine:
                     f"mask_input must be {self.mask_input_size} low-resolution logits; got {mask_input.shape}."
                 )
         with self.stats.decode_seconds.time():
-            return self._decode(embedding, points, labels, box, mask_input, multimask)
+            return self.decode_uncounted(embedding, points, labels, box, mask_input, multimask)
 
-    def _decode(self, embedding: Embedding, points, labels, box, mask_input=None, multimask=None) -> Prediction:
-        """:meth:`decode` of a validated prompt, without counting it in :attr:`stats`."""
+    def decode_uncounted(self, embedding: Embedding, points, labels, box, mask_input=None,
+                         multimask=None) -> Prediction:
+        """:meth:`decode` of a prompt checked by :func:`validate_prompt`, not counted in :attr:`stats` (checks)."""
         frame = embedding.frame
         if multimask is None:
             multimask = len(points) == 1 and box is None

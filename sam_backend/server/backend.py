@@ -58,7 +58,7 @@ class ModelHolder:
 
     Args:
         preset: what to load.
-        loader: ``preset -> engine``; defaults to ``SamEngine.from_preset``.
+        loader: ``preset -> engine``; defaults to :func:`~sam_backend.server.loading.load_engine`.
         store: the embedding store behind the memory cache. Default: with the
             default loader, the store the environment configures
             (:func:`sam_backend.embeddings.settings.open_store`); with a
@@ -97,9 +97,9 @@ class ModelHolder:
             store = self._store
             if self._loader is None:
                 from sam_backend.embeddings.settings import open_store
-                from sam_backend.sam.engine import SamEngine
+                from sam_backend.server.loading import load_engine
 
-                engine = SamEngine.from_preset(self.preset)
+                engine = load_engine(self.preset, warm_up=False)  # _warm_up below, with the imports a click needs
                 store = store if store is not None else open_store()
             else:
                 engine = self._loader(self.preset)

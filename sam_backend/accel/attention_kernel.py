@@ -26,7 +26,7 @@ to 80 (a multiple of 16) and no gradient are its to take (:func:`handles`).
 
 Example:
     >>> import torch
-    >>> from sam_backend.sam.attention_kernel import kernel, rel_attention_windows
+    >>> from sam_backend.accel.attention_kernel import kernel, rel_attention_windows
     >>> qkv = torch.randn(1, 64, 64, 3 * 768)          # a ViT-B block's qkv projection
     >>> table = torch.randn(27, 64)                    # 2 x 14 - 1 relative positions
     >>> if kernel() is not None:                       # doctest: +SKIP
@@ -333,7 +333,7 @@ def _cache_dirs() -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sam_backend.sam.attention_kernel [DIRECTORY]``: build the kernel ahead of time (Docker images)."""
+    """``python -m sam_backend.accel.attention_kernel [DIRECTORY]``: build the kernel ahead of time (Docker images)."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -7,8 +7,8 @@ takes less than half the time (1.51 against 3.37 s in ``bench/speed.py``). Witho
 on a GPU it has not been measured here: both keep float32 unless asked.
 
 Reduced precision changes the embeddings slightly (about 1 % relative), so it
-is only used when the masks it gives equal float32's: ``SamEngine`` encodes a
-generated scene (:func:`parity_scene`) both ways at load and compares, for a
+is only used when the masks it gives equal float32's: :func:`choose_precision`
+encodes a generated scene (:func:`parity_scene`) both ways at load and compares, for a
 click and a box on each of its shapes (:func:`parity_prompts`), every
 candidate mask. It keeps reduced precision only when their mean IoU is at
 least :data:`PARITY_MIN_IOU`, with the model's own weights, and (under
@@ -22,9 +22,9 @@ reduced precision is still checked, and float32 is kept if it fails.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,20 +109,6 @@ def candidate_precision(device_type: str, requested: str | None = None) -> str:
     return "bfloat16" if device_type == "cpu" and cpu_has_amx_bf16() else "float32"
 
 
-def autocast(device_type: str, precision: str):
-    """torch autocast to ``precision`` on ``device_type``; no change for float32.
-
-    Example:
-        >>> with autocast("cpu", "bfloat16"):  # doctest: +SKIP
-        ...     features = encoder(batch)
-    """
-    if precision == "float32":
-        return contextlib.nullcontext()
-    import torch
-
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, precision))
-
-
 @dataclass
 class ParityReport:
     """How reduced-precision masks compare with float32's on the parity scene.
@@ -183,3 +169,85 @@ def parity_prompts(scene) -> list[dict]:
         prompts.append(dict(points=[interior_point(mask)], labels=[1], multimask=True))
         prompts.append(dict(box=bounding_box(mask)))
     return prompts
+
+
+def choose_precision(engine, requested: str | None = None) -> str:
+    """Set ``engine.precision``: a reduced one only where it is wanted and keeps the masks.
+
+    The candidate comes from ``SAM_PRECISION`` (or ``requested``; see
+    :func:`candidate_precision`): bfloat16 on a CPU with AMX by default,
+    float32 elsewhere. A reduced candidate is encoded beside float32 on the
+    parity scene, and kept only if the masks of a click and a box on each
+    shape match float32's at a mean IoU of at least :data:`PARITY_MIN_IOU`
+    (``engine.parity`` holds the figures) and, under ``auto``, if its encode
+    was at least :data:`MIN_SPEEDUP` times faster. Embeddings from different
+    precisions never mix: the embedding store keys carry it.
+
+    Returns:
+        The precision now in use.
+
+    Example:
+        >>> engine = SamEngine.from_preset("demo")  # doctest: +SKIP
+        >>> choose_precision(engine, "bfloat16")  # doctest: +SKIP
+        'bfloat16'
+    """
+    wanted = requested or requested_precision()
+    candidate = candidate_precision(engine.device_type, wanted)
+    engine.precision, engine.parity = "float32", None
+    if candidate == "float32":
+        return engine.precision
+    if engine.device_type == "cpu" and not cpu_has_amx_bf16():
+        logger.warning("%s asked for on a CPU without AMX: slower than float32 there.", candidate)
+    try:
+        engine.parity = measure_parity(engine, candidate)
+    except Exception as exc:  # a precision this device or torch cannot run: float32 it is
+        logger.warning("Image encoder stays float32: %s failed (%s: %s).", candidate, type(exc).__name__, exc)
+        return engine.precision
+    if not engine.parity.passed:
+        logger.warning("Image encoder stays float32: %s.", engine.parity)
+    elif wanted == "auto" and not engine.parity.faster:
+        logger.info("Image encoder stays float32: %s is not enough faster here (%s).", candidate, engine.parity)
+    else:
+        engine.precision = candidate
+        logger.info("Image encoder in %s (%s).", candidate, engine.parity)
+    return engine.precision
+
+
+def measure_parity(engine, precision: str) -> ParityReport:
+    """Masks from ``precision``'s embedding of the parity scene against float32's (nothing counted in stats)."""
+    from sam_backend.sam.engine import Embedding, validate_prompt
+    from sam_backend.sam.synthetic import iou
+    from sam_backend.sam.transforms import Frame, preprocess
+
+    scene = parity_scene()
+    batch = preprocess(scene.image, engine.input_size)[None]
+    frame = Frame.for_image(scene.size, engine.input_size)
+    # Each precision's first encode pays one-time costs (kernel selection): not its speed.
+    engine.encode_features(batch, "float32")
+    features, float32_seconds = _timed_encode(engine, batch, "float32")
+    reference = Embedding(features, frame)
+    engine.encode_features(batch, precision)
+    features, seconds = _timed_encode(engine, batch, precision)
+    reduced = Embedding(features, frame)
+    ious = []
+    for prompt in parity_prompts(scene):
+        points, labels, box = validate_prompt(prompt.get("points"), prompt.get("labels"), prompt.get("box"),
+                                              scene.size)
+        expected = engine.decode_uncounted(reference, points, labels, box, multimask=prompt.get("multimask"))
+        got = engine.decode_uncounted(reduced, points, labels, box, multimask=prompt.get("multimask"))
+        ious.extend(iou(a, b) for a, b in zip(expected.masks, got.masks))
+    return ParityReport(precision, np.array(ious), seconds, float32_seconds)
+
+
+def _timed_encode(engine, batch: np.ndarray, precision: str, budget: float = 0.3):
+    """Features of ``batch`` at ``precision`` and the fastest of as many encodes as fit in ``budget`` seconds.
+
+    One encode for a large model; a small one's 20 ms encodes are timed
+    many times, so that every worker of a server times them alike.
+    """
+    times = []
+    while not times or (sum(times) < budget and len(times) < 50):
+        started = time.perf_counter()
+        features = engine.encode_features(batch, precision)
+        times.append(time.perf_counter() - started)
+    return features, min(times)

@@ -20,12 +20,12 @@ three kernel calls per ViT-B windowed block, 48 per global block), so the
 The blocks around those layers are patched too (:func:`_patch_blocks`, with a
 fingerprint of their own): windowed blocks run their qkv and output
 projections on the real tokens only, not on the window padding, and under
-autocast (the bfloat16 encoder of ``sam_backend.sam.precision``) every block
+autocast (the bfloat16 encoder of :mod:`sam_backend.accel.precision`) every block
 runs its linear layers in bfloat16 with the bias inside.
 
 On CPUs with AVX-512, float32 inference goes one step further: the patched
 layers and blocks hand queries, keys and values, as strided views of the qkv
-projection, to :mod:`sam_backend.sam.attention_kernel`, whose C kernel adds the
+projection, to :mod:`sam_backend.accel.attention_kernel`, whose C kernel adds the
 bias from the relative-position tables itself (no bias tensor at all) and
 writes its output in the layout the projection reads. SDPA remains the path
 for everything else: bfloat16, GPUs, autograd, other CPUs.
@@ -45,7 +45,7 @@ import logging
 import os
 import types
 
-from sam_backend.sam import attention_kernel
+from sam_backend.accel import attention_kernel
 
 logger = logging.getLogger(__name__)
 
