@@ -25,7 +25,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
-# tcmalloc about halves the ViT encoder's time on CPU (README: Memory allocator).
+# tcmalloc about halves the ViT encoder's time on CPU (docs/speed.md: Memory allocator).
 # The symlink gives LD_PRELOAD (below) one path on every architecture. Debian 13
 # renamed the package libtcmalloc-minimal4t64.
 RUN apt-get update \
@@ -39,9 +39,14 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md label_config.xml label_config_polygons.xml ./
 COPY sam_backend ./sam_backend
-RUN pip install . && useradd --create-home --uid 1000 sam && mkdir -p /data && chown sam:sam /data
+# uv reads [tool.uv] in pyproject.toml: keras-hub without tensorflow-text, so no
+# TensorFlow (docs/installation.md). The torch installed above satisfies the package.
+RUN pip install uv \
+    && uv pip install --system --no-cache . \
+    && pip uninstall -y uv \
+    && useradd --create-home --uid 1000 sam && mkdir -p /data && chown sam:sam /data
 
-# The AVX-512 attention kernel (README: Attention kernel), compiled once here so
+# The AVX-512 attention kernel (docs/speed.md: Attention kernel), compiled once here so
 # that the image needs no compiler; CPUs without AVX-512 keep torch's attention.
 ENV SAM_KERNEL_DIR=/opt/sam-kernels
 RUN apt-get update \

@@ -4,7 +4,7 @@ Importing the package sets the environment that keras and TensorFlow read at
 import time, so it must happen before either is imported:
 
 - ``KERAS_BACKEND`` defaults to ``torch`` (an explicit value is kept);
-- TensorFlow, pulled in by keras-hub through tensorflow-text, is told to be quiet;
+- TensorFlow, where a plain pip install pulls it in (keras-hub's tensorflow-text), is told to be quiet;
 - ``SAM_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``...) forces keras' torch device.
 """
 

@@ -289,7 +289,7 @@ def _load():
         fn = ctypes.CDLL(str(library)).sam_rel_attention
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("Attention kernel unavailable (%s); attention stays on SDPA, about 1.3x slower on a CPU "
-                       "(README: Attention kernel).", exc)
+                       "(docs/speed.md: Attention kernel).", exc)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, ptr, ptr, ptr, ctypes.POINTER(ctypes.c_int64), i64, i64, i64, i64, ptr, ptr, ptr, ptr,

@@ -60,7 +60,8 @@ def describe_source(preset: str) -> str:
 def quiet_native_stderr():
     """Silence C++ log lines written straight to file descriptor 2.
 
-    TensorFlow (imported by keras-hub through tensorflow-text) prints absl
+    TensorFlow (imported by keras-hub through tensorflow-text, where a plain pip
+    install put it) prints absl
     messages before ``TF_CPP_MIN_LOG_LEVEL`` takes effect; Python exceptions
     are unaffected.
     """

@@ -4,7 +4,7 @@
 #
 #   python -m pytest -q tests/e2e "$@"
 #
-# Run it from the environment where sam-backend is installed (README: Install).
+# Run it from the environment where sam-backend is installed (README: Quickstart).
 # Nothing is skipped: if Label Studio, Chromium or Playwright cannot be installed,
 # this fails with a message saying which.
 set -euo pipefail
@@ -15,7 +15,7 @@ die() { echo "ERROR (tests/e2e/run.sh): $*" >&2; exit 1; }
 # The environment must already hold sam-backend (and torch): installing the
 # [e2e] extra elsewhere would pull the registry's CUDA build of torch.
 python -c "import sam_backend, torch" 2>/dev/null \
-    || die "run this from the environment where sam-backend is installed (README: Install)"
+    || die "run this from the environment where sam-backend is installed (README: Quickstart)"
 
 # Label Studio, in its own cached virtualenv.
 SAM_E2E_LS_VENV="$(tests/e2e/labelstudio.sh install)" || die "Label Studio could not be installed (see above)"

@@ -18,7 +18,7 @@ from harness import Backend, make_project, wait_for
 from scenes import decode_brush, rectangle_region
 
 DETECTOR = "detector-v1"
-# The demo preset's IoU head is less confident than SAM's (README, Pre-annotation).
+# The demo preset's IoU head is less confident than SAM's (docs/preannotation.md).
 DEMO_AUTO = {"SAM_AUTO_PRED_IOU_THRESH": "0.8", "SAM_AUTO_STABILITY_SCORE_THRESH": "0.9"}
 
 
