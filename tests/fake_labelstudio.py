@@ -24,6 +24,7 @@ class FakeLabelStudio:
     Attributes:
         tasks: ``{project: [task, ...]}``; each task's ``predictions`` grow as they are posted.
         fail_imports: the next N prediction imports answer 503 (the SDK retries them).
+        fail_lists: ``{project: status}``: the project's task list answers that status.
         hang_imports: seconds a prediction import hangs before it answers 504 without importing
             (Label Studio stuck; a client with a shorter timeout gives up first).
         requests: ``(method, path)`` of every request.
@@ -35,6 +36,7 @@ class FakeLabelStudio:
         self.tasks: dict[int, list[dict]] = {}
         self.fail_imports = 0
         self.hang_imports = 0.0
+        self.fail_lists: dict[int, int] = {}
         self.requests: list[tuple[str, str]] = []
         self.times: list[float] = []
         self._ids = itertools.count(1000)
@@ -62,12 +64,18 @@ class FakeLabelStudio:
         def list_tasks():
             project = int(request.args["project"])
             page, size = int(request.args.get("page", 1)), int(request.args.get("page_size", 100))
-            tasks = self.tasks.get(project, [])
+            if project in self.fail_lists:
+                return jsonify(detail="unavailable"), self.fail_lists[project]
+            tasks = [{**task, "is_labeled": bool(task.get("is_labeled", task["annotations"]))}
+                     for task in self.tasks.get(project, [])]
+            tasks = _data_manager_query(tasks, request.args.get("query"))
+            predictions = sum(len(t["predictions"]) for t in tasks)
+            if request.args.get("fields") == "task_only":
+                tasks = [{k: v for k, v in task.items() if k not in ("annotations", "predictions")} for task in tasks]
             chunk = tasks[(page - 1) * size : page * size]
             if page > 1 and not chunk:
                 return jsonify(detail="Invalid page."), 404
-            return jsonify(tasks=chunk, total=len(tasks), total_annotations=0,
-                           total_predictions=sum(len(t["predictions"]) for t in tasks))
+            return jsonify(tasks=chunk, total=len(tasks), total_annotations=0, total_predictions=predictions)
 
         @app.post("/api/projects/<int:project>/import/predictions")
         def import_predictions(project):
@@ -118,3 +126,20 @@ class FakeLabelStudio:
 
     def close(self) -> None:
         self._server.shutdown()
+
+
+def _data_manager_query(tasks: list[dict], query: str | None) -> list[dict]:
+    """The part of Label Studio's data manager ``query`` that the backend sends: id filters and id ordering."""
+    if not query:
+        return tasks
+    import json
+
+    parsed = json.loads(query)
+    compare = {"greater": lambda a, b: a > b, "less": lambda a, b: a < b, "equal": lambda a, b: a == b}
+    for item in (parsed.get("filters") or {}).get("items", []):
+        assert item["filter"] == "filter:tasks:id" and item["type"] == "Number", item
+        tasks = [task for task in tasks if compare[item["operator"]](task["id"], item["value"])]
+    for key in reversed(parsed.get("ordering") or []):
+        assert key.lstrip("-") == "tasks:id", key
+        tasks = sorted(tasks, key=lambda task: task["id"], reverse=key.startswith("-"))
+    return tasks

@@ -145,7 +145,8 @@ def test_warm_ups_yield_to_clicks(tiers):
     click_c = Caller(tiers, "c", image(30))
     wait_until(lambda: len(tiers.queue) == 3)
     (gauge, _) = tiers.queue.collect()
-    assert {s.labels["priority"]: s.value for s in gauge.samples} == {"click": 1, "warmup": 2, "background": 0}
+    assert {s.labels["priority"]: s.value for s in gauge.samples} == {"click": 1, "warmup": 2, "background": 0,
+                                                                          "lookahead": 0}
     fake.gate.set()
     for caller in (busy, warm_a, warm_b, click_c):
         caller.get()

@@ -141,3 +141,19 @@ def test_cache_command_with_redis(redis_url, tiny_segmenter, rng, monkeypatch, c
     assert f"{redis_url} (redis): 1 embedding(s)" in capsys.readouterr().out
     assert main(["cache", "clear"]) == 0
     assert open_store(url=redis_url, required=True).stats().entries == 0
+
+
+def test_a_look_ahead_spare_is_written_only_where_redis_evicts_nothing(redis_url):
+    store = open_store(url=redis_url, required=True)
+    with store.lock("some-key", timeout=0) as held:  # a lock says whether it was taken
+        assert held
+        with open_store(url=redis_url, required=True).lock("some-key", timeout=0) as other:
+            assert not other
+    entry = StoredEmbedding(np.ones((64, 64, 32), np.float16), (90, 200), (58, 128), 128)
+    assert store.put_spare(entry_key("ab12cd34ef56ab78", "img-1"), entry, protect_seconds=600)  # no maxmemory
+    used = int(store.client.info("memory")["used_memory"])
+    store.client.config_set("maxmemory", used + 1024)  # less room than one more entry takes
+    assert not store.put_spare(entry_key("ab12cd34ef56ab78", "img-2"), entry, protect_seconds=600)
+    store.client.config_set("maxmemory", 0)
+    assert store.get(entry_key("ab12cd34ef56ab78", "img-2")) is None
+    assert store.get(entry_key("ab12cd34ef56ab78", "img-1")) is not None

@@ -148,6 +148,30 @@ class DiskStore:
             self.enforce_budget()
         return True
 
+    def put_spare(self, key: str, entry: StoredEmbedding, protect_seconds: float) -> bool:
+        """:meth:`put` an entry nobody has used yet (a look-ahead), if it costs no recently used entry.
+
+        Written only if the store has room, or if the entries that eviction
+        would delete for it were all unused for ``protect_seconds``; it is
+        then dated as used ``protect_seconds`` ago, so that eviction takes it
+        before anything used since (a read or a touch dates it anew).
+        """
+        size = len(encode_entry(entry))
+        with self._lock:
+            known = self._known_bytes
+        if known is None or known + size > self.budget_bytes:
+            entries = list(self._scan())
+            needed = sum(stat.st_size for _, stat in entries) + size - self.budget_bytes
+            recent = time.time() - protect_seconds
+            if needed > sum(stat.st_size for _, stat in entries if stat.st_mtime < recent):
+                return False
+        if not self.put(key, entry):
+            return False
+        dated = time.time() - protect_seconds
+        with contextlib.suppress(OSError):
+            os.utime(self._path(key), (dated, dated))
+        return True
+
     def _warn_write_failure(self, exc: OSError) -> None:
         # A full disk fails every write; one warning a minute is enough to say so.
         now = time.monotonic()
@@ -217,7 +241,7 @@ class DiskStore:
         path = self._locks_dir / (key.replace("/", "-") + ".lock")
         fd = _acquire_file_lock(path, timeout)
         try:
-            yield
+            yield fd is not None
         finally:
             if fd is not None:
                 # Unlink before unlocking: a waiter that still holds the old
@@ -267,7 +291,9 @@ def _acquire_file_lock(path: Path, timeout: float) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if time.monotonic() > deadline:
-                logger.warning("Waited %.0fs for another worker to encode the image of %s; encoding it here.", timeout, path.name)
+                if timeout > 0:  # a caller that asked not to wait knows
+                    logger.warning("Waited %.0fs for another worker to encode the image of %s; encoding it here.",
+                                   timeout, path.name)
                 os.close(fd)
                 return None
             time.sleep(0.05)

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Callable, Hashable
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
@@ -49,7 +49,7 @@ class Priority(IntEnum):
     """Which queued encode runs first: the lowest value, then the oldest.
 
     Example:
-        >>> Priority.CLICK < Priority.WARMUP < Priority.BACKGROUND
+        >>> Priority.CLICK < Priority.WARMUP < Priority.BACKGROUND < Priority.LOOKAHEAD
         True
     """
 
@@ -59,6 +59,9 @@ class Priority(IntEnum):
     WARMUP = 1
     #: Pre-labelling and precomputing: nobody is waiting at a click.
     BACKGROUND = 2
+    #: The tasks an annotator will open next (``sam_backend.server.lookahead``): a guess,
+    #: so after everything else; taken back by :meth:`EncodeQueue.discard` when the guess is wrong.
+    LOOKAHEAD = 3
 
 
 class EncodeSkipped(SamBackendError):
@@ -105,12 +108,16 @@ class EncodeJob:
     def release(self) -> None:
         """After ``prepare`` and whatever followed it (e.g. release a lock ``prepare`` took)."""
 
+    def escalate(self, priority: Priority) -> None:
+        """A caller at ``priority``, more urgent than the job's own, now waits for it too."""
+
 
 @dataclass(eq=False)
 class _Item:
     key: Hashable
     job: EncodeJob
     future: Future = field(default_factory=Future)
+    priority: int = int(Priority.CLICK)  # the most urgent caller's, started or not
     unit: _Unit | None = None
     result: object = None
     error: BaseException | None = None
@@ -216,13 +223,19 @@ class EncodeQueue:
                 if item is None:
                     item = self._items[key] = _Item(key, job)
                     fresh.append(item)
-                elif item.unit is not None:
-                    # A click on the image of a queued warm-up takes its place among the clicks;
-                    # an image that anyone but a warm-up waits for is never dropped.
-                    item.unit.priority = min(item.unit.priority, int(priority))
-                    item.unit.droppable = item.unit.droppable and priority == Priority.WARMUP
+                else:
+                    if item.unit is not None:
+                        # A click on the image of a queued warm-up takes its place among the clicks;
+                        # an image that anyone but a warm-up waits for is never dropped.
+                        item.unit.priority = min(item.unit.priority, int(priority))
+                        item.unit.droppable = item.unit.droppable and priority == Priority.WARMUP
+                    if priority < item.priority:
+                        item.priority = int(priority)
+                        item.job.escalate(priority)
                 futures.append(item.future)
             now = time.monotonic()
+            for item in fresh:
+                item.priority = int(priority)
             for members in ([fresh] if grouped else [[item] for item in fresh]) if fresh else []:
                 unit = _Unit(members, int(priority), next(self._seq), now, grouped, priority == Priority.WARMUP)
                 for item in members:
@@ -235,6 +248,26 @@ class EncodeQueue:
             self._cond.notify()
         self._skip(dropped)
         return futures
+
+    def discard(self, keys: Iterable[Hashable]) -> int:
+        """Take the look-ahead encodes of ``keys`` out of the queue, unless they have started; how many.
+
+        Only units queued at :attr:`Priority.LOOKAHEAD` that nobody else has
+        joined since go (a click on the same image made its unit a click's);
+        their futures raise :class:`EncodeSkipped`.
+        """
+        keys = set(keys)
+        with self._cond:
+            gone = [unit for unit in self._units if unit.priority == Priority.LOOKAHEAD
+                    and all(item.key in keys for item in unit.items)]
+            for unit in gone:
+                self._units.remove(unit)
+                for item in unit.items:
+                    self._items.pop(item.key, None)
+        for unit in gone:
+            for item in unit.items:
+                item.future.set_exception(EncodeSkipped("the annotator moved elsewhere; the look-ahead was dropped"))
+        return sum(len(unit.items) for unit in gone)
 
     def close(self) -> None:
         """Stop after the encode in progress; what is still queued fails."""

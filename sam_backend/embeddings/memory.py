@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from typing import Callable, Generic, Hashable, TypeVar
 
@@ -36,7 +37,8 @@ class LRUCache(Generic[V]):
     def __init__(self, budget_bytes: int, sizeof: Callable[[V], int]):
         self.budget_bytes = budget_bytes
         self._sizeof = sizeof
-        self._entries: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
+        # key -> (value, size, when a caller last used it: 0.0 for a spare nobody has asked for)
+        self._entries: OrderedDict[Hashable, tuple[V, int, float]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._inflight: dict[Hashable, threading.Lock] = {}
@@ -62,6 +64,7 @@ class LRUCache(Generic[V]):
             entry = self._entries.get(key)
             if entry is None:
                 return None
+            self._entries[key] = (entry[0], entry[1], time.monotonic())
             self._entries.move_to_end(key)
             return entry[0]
 
@@ -74,11 +77,41 @@ class LRUCache(Generic[V]):
                 self._bytes -= old[1]
             if size > self.budget_bytes:
                 return
-            self._entries[key] = (value, size)
+            self._entries[key] = (value, size, time.monotonic())
             self._bytes += size
             while self._bytes > self.budget_bytes:
-                _, (_, evicted) = self._entries.popitem(last=False)
+                _, (_, evicted, _) = self._entries.popitem(last=False)
                 self._bytes -= evicted
+
+    def put_spare(self, key: Hashable, value: V, protect_seconds: float) -> bool:
+        """Keep a value nobody has asked for yet (a look-ahead), if it costs no recently used entry.
+
+        It goes in at the least recently used end, so that the next
+        :meth:`put` evicts it before anything a caller used, and only if the
+        room it needs comes from entries unused for ``protect_seconds``.
+        Returns whether it was kept; a :meth:`get` makes it an ordinary entry.
+        """
+        size = self._sizeof(value)
+        with self._lock:
+            if key in self._entries:
+                return True
+            if size > self.budget_bytes:
+                return False
+            recent = time.monotonic() - protect_seconds
+            needed, evict = self._bytes + size - self.budget_bytes, []
+            for old_key, (_, old_size, used) in self._entries.items():
+                if needed <= 0:
+                    break
+                if used > recent:
+                    return False
+                evict.append(old_key)
+                needed -= old_size
+            for old_key in evict:
+                self._bytes -= self._entries.pop(old_key)[1]
+            self._entries[key] = (value, size, 0.0)
+            self._entries.move_to_end(key, last=False)
+            self._bytes += size
+            return True
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
         """The cached value, or ``compute()`` stored under ``key`` (once per key)."""

@@ -142,6 +142,28 @@ class RedisStore:
             self._failed("write", exc)
             return False
 
+    def put_spare(self, key: str, entry: StoredEmbedding, protect_seconds: float) -> bool:
+        """:meth:`put` an entry nobody has used yet (a look-ahead) only where Redis evicts nothing for it.
+
+        Redis's own LRU cannot tell a look-ahead from a click's entry, so the
+        entry is written only while ``used_memory`` plus its size stays under
+        ``maxmemory`` (always, without a ``maxmemory``).
+        """
+        import redis
+
+        if self._resting():
+            return False
+        data = encode_entry(entry)
+        try:
+            memory = self.client.info("memory")
+        except redis.RedisError as exc:
+            self._failed("read memory info", exc)
+            return False
+        limit = int(memory.get("maxmemory") or 0)
+        if limit and int(memory.get("used_memory") or 0) + len(data) > limit:
+            return False
+        return self.put(key, entry)
+
     def discard(self, key: str) -> None:
         import redis
 
@@ -176,10 +198,10 @@ class RedisStore:
             except redis.RedisError as exc:
                 self._failed("lock", exc)
             else:
-                if not acquired:
+                if not acquired and timeout > 0:  # a caller that asked not to wait knows
                     logger.warning("Waited %.0fs for another worker to encode %s; encoding it here.", timeout, key)
         try:
-            yield
+            yield acquired
         finally:
             if acquired:
                 # Expired meanwhile (an encode longer than the timeout): someone else may hold it now.

@@ -150,14 +150,21 @@ class EmbeddingStore(Protocol):
     def put(self, key: str, entry: StoredEmbedding) -> bool:
         """Store the entry atomically; False if it could not be written (logged)."""
 
+    def put_spare(self, key: str, entry: StoredEmbedding, protect_seconds: float) -> bool:
+        """Store an entry nobody has used yet, only if that evicts nothing used in ``protect_seconds``."""
+
     def discard(self, key: str) -> None:
         """Delete the entry if present."""
 
     def touch(self, key: str) -> None:
         """Mark the entry as just used (it was served from a worker's memory)."""
 
-    def lock(self, key: str) -> contextlib.AbstractContextManager:
-        """Exclusive, cross-process lock of ``key`` while its entry is computed."""
+    def lock(self, key: str, timeout: float = ...) -> contextlib.AbstractContextManager[bool]:
+        """Exclusive, cross-process lock of ``key`` while its entry is computed.
+
+        Gives whether it was acquired: after ``timeout`` seconds the caller goes
+        on without it (a worker that died holding it must not stop the others).
+        """
 
     def stats(self) -> StoreStats:
         """Entries and bytes held."""

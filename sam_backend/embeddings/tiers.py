@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
 from typing import Callable, Hashable
 
 import numpy as np
@@ -205,6 +206,40 @@ class EmbeddingTiers:
         self.queue.submit(("ensure_stored", key), job, Priority.BACKGROUND).result()
         return job.encoded
 
+    def look_ahead(self, key: str, image: LazyImage, protect_seconds: float) -> Future:
+        """Encode the image of ``key`` for a click that may come, after every other encode.
+
+        Nothing happens when memory or the store has it, or when another
+        worker holds its lock (it is encoding it). Otherwise it is encoded
+        at :attr:`Priority.LOOKAHEAD` and kept as a spare (into the store,
+        else memory): only if that evicts nothing used in the last
+        ``protect_seconds``, and ranked to be evicted before anything used
+        since. A click that asks for the image while it waits takes the job
+        over at its own priority, and keeps the result as usual.
+
+        Returns:
+            A future of ``"present"``, ``"busy"``, ``"encoded"`` or ``"no room"``
+            (encoded, not kept); :meth:`EncodeQueue.discard` ends it with
+            :class:`~sam_backend.embeddings.encode_queue.EncodeSkipped`.
+        """
+        if key in self.memory:
+            done: Future = Future()
+            done.set_result("present")
+            return done
+        job = _LookAheadJob(self, key, image, protect_seconds)
+        future = self.queue.submit(key, job, Priority.LOOKAHEAD)
+        outcome: Future = Future()
+
+        def settle(done: Future) -> None:
+            error = done.exception()
+            if error is not None:
+                outcome.set_exception(error)
+            else:
+                outcome.set_result(job.outcome or "present")  # another job's result: someone else's encode
+
+        future.add_done_callback(settle)
+        return outcome
+
     def predict(self, image: LazyImage, key: Hashable, **prompt) -> Prediction:
         """``engine.decode(embedding_for(key, image), **prompt)``: the whole path for one click."""
         return self.engine.decode(self.embedding_for(key, image), **prompt)
@@ -223,7 +258,12 @@ class EmbeddingTiers:
             futures = self.queue.submit_group(jobs, priority)
         else:
             futures = [self.queue.submit(key, job, priority) for key, job in jobs]
-        return [future.result() for future in futures]
+        results = [future.result() for future in futures]
+        for index, result in enumerate(results):
+            if result is _NOT_ENCODED:
+                # A look-ahead decided to do nothing just as this caller joined it: look again.
+                results[index] = self.embedding_for(*items[index], priority=priority)
+        return results
 
     def _touch_store(self, key: str) -> None:
         """Tell the store that its entry is in use, so that its LRU does not evict an image served from memory."""
@@ -302,6 +342,8 @@ class EmbeddingTiers:
 
 #: What an ``ensure_stored`` job gives when the store has the entry by its turn.
 _ALREADY_STORED = object()
+#: What a look-ahead job gives when it encodes nothing (see :attr:`_LookAheadJob.outcome`).
+_NOT_ENCODED = object()
 
 
 class _TierJob(EncodeJob):
@@ -370,3 +412,55 @@ class _TierJob(EncodeJob):
 
     def release(self) -> None:
         self._locks.close()
+
+
+class _LookAheadJob(_TierJob):
+    """A look-ahead encode (:meth:`EmbeddingTiers.look_ahead`): a spare unless a caller joins it.
+
+    While nobody but the look-ahead waits for it, :meth:`prepare` gives up at
+    once when the image is already in memory or the store, or when another
+    worker holds its lock, and :meth:`finish` keeps the embedding only where
+    that evicts nothing recently used. Once a more urgent caller joins
+    (:meth:`escalate`), it is an ordinary :class:`_TierJob`.
+    """
+
+    def __init__(self, tiers: EmbeddingTiers, key: str, image: LazyImage, protect_seconds: float):
+        super().__init__(tiers, key, image)
+        self.protect_seconds = protect_seconds
+        self.spare = True
+        #: ``present``, ``busy``, ``encoded`` or ``no room``, once the job has run.
+        self.outcome: str | None = None
+
+    def escalate(self, priority: Priority) -> None:
+        self.spare = False
+
+    def prepare(self) -> object | None:
+        if not self.spare:
+            return super().prepare()
+        tiers = self.tiers
+        if self.key in tiers.memory:
+            self.outcome = "present"
+            return _NOT_ENCODED
+        if tiers.store is None:
+            return None
+        # Never wait for another worker: whoever holds the lock is encoding this image.
+        if not self._locks.enter_context(tiers.store.lock(self.store_key, timeout=0)):
+            self.outcome = "busy"
+            return _NOT_ENCODED
+        if tiers._read_store(self.store_key) is not None:
+            self.outcome = "present"
+            return _NOT_ENCODED
+        return None
+
+    def finish(self, embedding: Embedding) -> Embedding:
+        if not self.spare:
+            self.outcome = "encoded"
+            return super().finish(embedding)
+        tiers = self.tiers
+        self.encoded = True
+        if tiers.store is not None:
+            kept = tiers.store.put_spare(self.store_key, tiers._to_stored(embedding), self.protect_seconds)
+        else:
+            kept = tiers.memory.put_spare(self.key, embedding, self.protect_seconds)
+        self.outcome = "encoded" if kept else "no room"
+        return embedding

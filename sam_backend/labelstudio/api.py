@@ -9,6 +9,7 @@ backoff; timeouts are retried here too, and what still fails becomes a
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -116,13 +117,31 @@ class LabelStudioProject:
 
     def iter_tasks(self, view: int | None = None, page_size: int = 100) -> Iterator[dict]:
         """Every task with its data, annotations and predictions, page by page (in id order)."""
+        yield from self._paged("list tasks", page_size, view=view, fields="all")
+
+    def tasks_after(self, task_id: int, page_size: int = 20) -> Iterator[dict]:
+        """The tasks whose id is above ``task_id``, in id order, page by page; data and ``is_labeled``, no annotations.
+
+        The labeling stream's default (sequential) order. Label Studio filters
+        and orders them itself (a data manager query on ``/api/tasks``), so a
+        project of a million tasks is read a page at a time from where the
+        annotator is. Read-only, unlike ``/api/projects/{id}/next``, which
+        locks the task it gives to the caller.
+        """
+        query = json.dumps({
+            "filters": {"conjunction": "and", "items": [
+                {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(task_id)},
+            ]},
+            "ordering": ["tasks:id"],
+        })
+        yield from self._paged("list the next tasks", page_size, query=query, fields="task_only")
+
+    def _paged(self, what: str, page_size: int, **params) -> Iterator[dict]:
         seen, number = 0, 1
         while True:
             try:
-                page = self._call(
-                    "list tasks", self.client.tasks.list, project=self.project, view=view, fields="all",
-                    page=number, page_size=page_size,
-                )
+                page = self._call(what, self.client.tasks.list, project=self.project, page=number,
+                                  page_size=page_size, **params)
             except LabelStudioError as exc:
                 # Label Studio answers 404 for the page after the last one.
                 if number > 1 and getattr(exc.__cause__, "status_code", None) == 404:

@@ -92,7 +92,8 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
     app.extensions["sam_backend"] = backend
     metrics = Metrics.create()
     metrics.watch(lambda: [source for source in (getattr(backend.holder.loaded_engine, "stats", None),
-                                                 backend.holder.loaded_embeddings) if source is not None])
+                                                 backend.holder.loaded_embeddings, backend.lookahead)
+                           if source is not None])
 
     def model_gauges():
         metrics.model_loaded.set(1 if backend.holder.state == "ready" else 0)
@@ -180,6 +181,7 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
             body["encoder_precision"] = getattr(engine, "precision", "float32")
         if holder.error:
             body["error"] = holder.error
+        body["lookahead"] = backend.lookahead.status()
         return jsonify(body)
 
     @app.post("/setup")

@@ -30,6 +30,7 @@ from sam_backend.labelstudio.regions import fit_mask, prompt_from_context, promp
 from sam_backend.sam.images import load_image
 from sam_backend.sam.presets import default_preset
 from sam_backend.server.jobs import Outcome, PredictionJobs
+from sam_backend.server.lookahead import LookAhead
 from sam_backend.server.prelabel import PrelabelSettings, predict_task_masks
 from sam_backend.server.refinement import RefinementMemory, prompt_signature
 from sam_backend.server.shared_state import MemorySharedState, SharedRecords, SharedState
@@ -213,6 +214,7 @@ class SamBackend:
         budget = os.environ.get("SAM_PREDICT_BUDGET")
         self.predict_budget = float(budget) if budget else DEFAULT_PREDICT_BUDGET
         self._warmup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-warmup")
+        self.lookahead = LookAhead(self)
 
     @property
     def model_version(self) -> str:
@@ -286,7 +288,20 @@ class SamBackend:
         if not context or not context.get("result"):
             return self._predict_without_context(tasks, config, project)
         engine = self._engine()
-        return [self._predict_task(engine, task, config, context, project) for task in tasks]
+        answers = [self._predict_task(engine, task, config, context, project) for task in tasks]
+        if len(tasks) == 1:
+            self._saw(tasks[0], config, project)
+        return answers
+
+    def _saw(self, task: dict, config: LabelConfig, project) -> None:
+        """An annotator is on ``task``, whose image is encoded by now: encode the next tasks meanwhile.
+
+        Called after the task's own encode (a click's, or an opened task's
+        warm-up), so that a look-ahead never takes the encoder first.
+        """
+        task_id = task.get("id") if isinstance(task, dict) else None
+        if isinstance(task_id, int) and self.holder.state == "ready":
+            self.lookahead.saw(_project_id(project or task.get("project")), task_id, config)
 
     def _engine(self):
         """The engine; a request that arrives while the model loads waits up to ``load_wait`` seconds for it.
@@ -307,6 +322,7 @@ class SamBackend:
         output = self.output_settings(project or task.get("project"))
         output.kinds(config)  # a project asking for an output its config lacks fails before any compute
         image_key, embedding = self._keyed_embedding(url, task_id, project or task.get("project"))
+        self.lookahead.clicked(image_key)
         prompt = prompt_from_context(context, config, embedding.frame.original_size)
         if not prompt:
             logger.info("Task %s: the context has no smart keypoint or rectangle for %r", task_id, config.image_name)
@@ -331,15 +347,15 @@ class SamBackend:
 
     def _embedding(self, url: str, task_id, project, priority: Priority = Priority.CLICK):
         """Fetch the task's image and encode it (``priority`` among queued encodes), unless its embedding is cached."""
-        key, loader = self._image_source(url, task_id, project)
+        key, loader = self.image_source(url, task_id, project)
         return self.holder.embeddings().embedding_for(key, loader, priority=priority)
 
     def _keyed_embedding(self, url: str, task_id, project):
         """``(image key, embedding)`` of the task's image (fetched; encoded unless cached or stored)."""
-        key, loader = self._image_source(url, task_id, project)
+        key, loader = self.image_source(url, task_id, project)
         return key, self.holder.embeddings().embedding_for(key, loader)
 
-    def _image_source(self, url: str, task_id, project):
+    def image_source(self, url: str, task_id, project):
         """``(image key, loader)``: the task's image fetched, identified, and loaded only if needed."""
         path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project))
         return _image_key(url, path, task_id), _image_loader(path, url, task_id)
@@ -375,7 +391,7 @@ class SamBackend:
             # Nothing to compute: an opened task still gets its image encoded
             # for the first click. A batch would queue CPU work behind clicks.
             if single:
-                self._start_warmup(tasks[0], config, project)
+                self._start_warmup(tasks[0], config, project)  # and then the look-ahead
             return [self._prediction([], None) for _ in tasks]
         settings.output.kinds(config)  # an output the config cannot take is one error, not one per task
         engine = self._engine()
@@ -405,6 +421,8 @@ class SamBackend:
                 task_id = task.get("id") if isinstance(task, dict) else None
                 logger.warning("Task %s: no prediction: %s", task_id, outcome.error)
             answers.append(outcome.prediction if outcome.prediction is not None else [])
+        if single:
+            self._saw(tasks[0], config, project)
         pending = sum(o.pending for o in outcomes)
         if pending:
             logger.info(
@@ -425,7 +443,7 @@ class SamBackend:
 
     def encode_tasks(self, tasks: list[dict], config: LabelConfig, project=None) -> None:
         """Fetch the tasks' images and encode those not cached in one encoder call (GPU batches)."""
-        items = [self._image_source(*_image_url(task, config), project or task.get("project")) for task in tasks]
+        items = [self.image_source(*_image_url(task, config), project or task.get("project")) for task in tasks]
         self.holder.embeddings().embeddings_for_many(items)
 
     def _prelabel_task(self, engine, task: dict, url: str, config: LabelConfig, settings: PrelabelSettings, project) -> dict:
@@ -476,6 +494,7 @@ class SamBackend:
                 logger.info("Warm-up of task %s skipped: %s", task_id, exc)
             except Exception:
                 logger.exception("Warm-up of task %s failed", task_id)
+            self._saw(task, config, project)
 
         self._warmup.submit(warm)
 
