@@ -192,7 +192,7 @@ def test_a_click_on_a_queued_look_ahead_takes_it_over(tiny_segmenter, tmp_path):
     encoder.gate.set()
     clicker.join(10)
     first.result(10)
-    assert ahead.result(10) == "encoded" and encoder.order == [1, 70]
+    assert ahead.result(10) == "taken over" and encoder.order == [1, 70]
     assert tiers.memory.get("img-7") is result["e"]  # kept as a click's embedding, not a spare
 
 

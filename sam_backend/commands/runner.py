@@ -20,6 +20,7 @@ task gets the same result, or fails with the same reason.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -301,9 +302,8 @@ class InProcessExecutor:
         self.batch_size, self.fetch_threads = batch_size, max(1, fetch_threads)
         self.fetcher = fetcher or MediaFetcher()
 
-    def session(self):
-        import contextlib
-
+    def session(self) -> contextlib.AbstractContextManager:
+        """Nothing to start or stop for a run in this process."""
         return contextlib.nullcontext()
 
     def results(self, items: Iterable[Item], job: Job, stopped: Callable[[], bool]) -> Iterator[tuple[Item, dict]]:

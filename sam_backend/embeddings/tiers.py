@@ -218,9 +218,10 @@ class EmbeddingTiers:
         over at its own priority, and keeps the result as usual.
 
         Returns:
-            A future of ``"present"``, ``"busy"``, ``"encoded"`` or ``"no room"``
-            (encoded, not kept); :meth:`EncodeQueue.discard` ends it with
-            :class:`~sam_backend.embeddings.encode_queue.EncodeSkipped`.
+            A future of ``"present"``, ``"busy"``, ``"encoded"``, ``"no room"``
+            (encoded, not kept) or ``"taken over"`` (a click joined it: encoded
+            for the click, not ahead of it); :meth:`EncodeQueue.discard` ends
+            it with :class:`~sam_backend.embeddings.encode_queue.EncodeSkipped`.
         """
         if key in self.memory:
             done: Future = Future()
@@ -428,7 +429,7 @@ class _LookAheadJob(_TierJob):
         super().__init__(tiers, key, image)
         self.protect_seconds = protect_seconds
         self.spare = True
-        #: ``present``, ``busy``, ``encoded`` or ``no room``, once the job has run.
+        #: ``present``, ``busy``, ``encoded``, ``no room`` or ``taken over``, once the job has run.
         self.outcome: str | None = None
 
     def escalate(self, priority: Priority) -> None:
@@ -454,7 +455,7 @@ class _LookAheadJob(_TierJob):
 
     def finish(self, embedding: Embedding) -> Embedding:
         if not self.spare:
-            self.outcome = "encoded"
+            self.outcome = "taken over"
             return super().finish(embedding)
         tiers = self.tiers
         self.encoded = True
