@@ -117,7 +117,10 @@ class DiskStore:
         return entry
 
     def put(self, key: str, entry: StoredEmbedding) -> bool:
-        data = encode_entry(entry)
+        return self._write(key, encode_entry(entry))
+
+    def _write(self, key: str, data: bytes) -> bool:
+        """Write an encoded entry atomically, then keep the store within its budget."""
         if len(data) > self.budget_bytes:
             logger.info("An embedding of %d bytes exceeds the store budget of %d; not stored.", len(data), self.budget_bytes)
             return False
@@ -156,7 +159,8 @@ class DiskStore:
         then dated as used ``protect_seconds`` ago, so that eviction takes it
         before anything used since (a read or a touch dates it anew).
         """
-        size = len(encode_entry(entry))
+        data = encode_entry(entry)
+        size = len(data)
         with self._lock:
             known = self._known_bytes
         if known is None or known + size > self.budget_bytes:
@@ -165,7 +169,7 @@ class DiskStore:
             recent = time.time() - protect_seconds
             if needed > sum(stat.st_size for _, stat in entries if stat.st_mtime < recent):
                 return False
-        if not self.put(key, entry):
+        if not self._write(key, data):
             return False
         dated = time.time() - protect_seconds
         with contextlib.suppress(OSError):

@@ -131,12 +131,15 @@ class RedisStore:
             return None
 
     def put(self, key: str, entry: StoredEmbedding) -> bool:
+        return self._write(key, encode_entry(entry))
+
+    def _write(self, key: str, data: bytes) -> bool:
         import redis
 
         if self._resting():
             return False
         try:
-            self.client.set(self._key(key), encode_entry(entry))
+            self.client.set(self._key(key), data)
             return True
         except redis.RedisError as exc:
             self._failed("write", exc)
@@ -162,7 +165,7 @@ class RedisStore:
         limit = int(memory.get("maxmemory") or 0)
         if limit and int(memory.get("used_memory") or 0) + len(data) > limit:
             return False
-        return self.put(key, entry)
+        return self._write(key, data)
 
     def discard(self, key: str) -> None:
         import redis
