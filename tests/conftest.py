@@ -37,6 +37,12 @@ def _keep_log_levels():
     logger.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def _versions_dir(tmp_path_factory, monkeypatch):
+    """Trained decoder versions go to a directory of the test's own, never the user's."""
+    monkeypatch.setenv("SAM_VERSIONS_DIR", str(tmp_path_factory.mktemp("versions")))
+
+
 @pytest.fixture(scope="session")
 def tiny_segmenter():
     return build_tiny_segmenter()

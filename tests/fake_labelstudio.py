@@ -129,16 +129,19 @@ class FakeLabelStudio:
 
 
 def _data_manager_query(tasks: list[dict], query: str | None) -> list[dict]:
-    """The part of Label Studio's data manager ``query`` that the backend sends: id filters and id ordering."""
+    """The part of Label Studio's data manager ``query`` that the backend sends: id and annotation-count filters, id ordering."""
     if not query:
         return tasks
     import json
 
     parsed = json.loads(query)
     compare = {"greater": lambda a, b: a > b, "less": lambda a, b: a < b, "equal": lambda a, b: a == b}
+    columns = {"filter:tasks:id": lambda task: task["id"],
+               "filter:tasks:total_annotations": lambda task: len(task.get("annotations") or [])}
     for item in (parsed.get("filters") or {}).get("items", []):
-        assert item["filter"] == "filter:tasks:id" and item["type"] == "Number", item
-        tasks = [task for task in tasks if compare[item["operator"]](task["id"], item["value"])]
+        assert item["filter"] in columns and item["type"] == "Number", item
+        column = columns[item["filter"]]
+        tasks = [task for task in tasks if compare[item["operator"]](column(task), item["value"])]
     for key in reversed(parsed.get("ordering") or []):
         assert key.lstrip("-") == "tasks:id", key
         tasks = sorted(tasks, key=lambda task: task["id"], reverse=key.startswith("-"))

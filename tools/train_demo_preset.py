@@ -41,11 +41,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sam_backend  # noqa: E402,F401  (sets KERAS_BACKEND before keras loads)
-from sam_backend.sam.engine import SamEngine  # noqa: E402
-from sam_backend.sam.architectures import SamArchitecture, build_sam  # noqa: E402
-from sam_backend.sam.synthetic import generate_scene  # noqa: E402
-from sam_backend.sam.transforms import preprocess, resized_shape  # noqa: E402
+import sam_backend  # noqa: F401  (sets KERAS_BACKEND before keras loads)
+from sam_backend.learning.objective import SamObjective
+from sam_backend.learning.prompts import corrective_points as corrective_batch
+from sam_backend.learning.prompts import jittered_box, negative_point, sample_in
+from sam_backend.sam.architectures import SamArchitecture, build_sam
+from sam_backend.sam.engine import SamEngine
+from sam_backend.sam.synthetic import generate_scene
+from sam_backend.sam.transforms import preprocess, resized_shape
 
 logger = logging.getLogger("train_demo_preset")
 
@@ -105,71 +108,14 @@ def make_batch(rng: np.random.Generator, images: int, objects: int, size: int) -
     return Batch(np.stack(inputs), np.array(owners), np.stack(masks), others)
 
 
-def sample_in(rng: np.random.Generator, region: np.ndarray) -> np.ndarray | None:
-    """A random x/y point (continuous pixel coordinates) inside ``region``."""
-    ys, xs = np.nonzero(region)
-    if len(xs) == 0:
-        return None
-    i = rng.integers(len(xs))
-    return np.array([xs[i] + rng.random(), ys[i] + rng.random()], dtype=np.float32)
-
-
-def jittered_box(rng: np.random.Generator, mask: np.ndarray, size: int) -> np.ndarray:
-    """The mask's box, each side moved by noise of 10 % of the side (at most 20 px), as SAM trains."""
-    ys, xs = np.nonzero(mask)
-    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    sx, sy = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
-    noise = rng.normal(0, 1, 4) * np.array([sx, sy, sx, sy])
-    noise = np.clip(noise, -20 * size / 1024, 20 * size / 1024)
-    box = np.array([x0, y0, x1, y1], dtype=np.float32) + noise.astype(np.float32)
-    box = np.clip(box, 0, size)
-    box[2:] = np.maximum(box[2:], box[:2] + 1)
-    return box.reshape(2, 2)
-
-
-def negative_point(rng, mask, other, size) -> np.ndarray:
-    """Outside the object: preferably on a neighbouring object, else near it, else anywhere."""
-    ys, xs = np.nonzero(mask)
-    pad = max(4, int(0.25 * max(xs.max() - xs.min(), ys.max() - ys.min())))
-    near = np.zeros_like(mask)
-    near[max(0, ys.min() - pad) : ys.max() + pad, max(0, xs.min() - pad) : xs.max() + pad] = True
-    for region in (other & near, near & ~mask, ~mask):
-        if region.any():
-            return sample_in(rng, region)
-    return np.array([rng.uniform(0, size), rng.uniform(0, size)], dtype=np.float32)
-
-
 # ------------------------------------------------------------------ loss
-
-
-def focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
-    import torch.nn.functional as F
-
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.flatten(-2).mean(-1)
-
-
-def bce_loss(logits, targets):
-    import torch.nn.functional as F
-
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(-2).mean(-1)
-
-
-def dice_loss(logits, targets):
-    prob = logits.sigmoid().flatten(-2)
-    targets = targets.flatten(-2)
-    return 1 - (2 * (prob * targets).sum(-1) + 1) / (prob.sum(-1) + targets.sum(-1) + 1)
 
 
 class Trainer:
     """SAM's loss over the engine's own prompt encoder and mask decoder path, with gradients."""
 
     def __init__(self, model, size: int, focal_weight: float = 20.0, bce_weight: float = 0.0):
-        self.focal_weight, self.bce_weight = focal_weight, bce_weight
+        self.objective = SamObjective(focal_weight, bce_weight)
         self.engine = SamEngine(model, preset="demo-training")
         self.size = size
 
@@ -179,35 +125,9 @@ class Trainer:
         return self.engine.decode_tensors(features[torch.as_tensor(owners)], points, labels, boxes, mask_inputs)
 
     def loss(self, logits, iou_pred, targets, multimask: bool):
-        """SAM's loss for one group of prompts; returns (loss, chosen low-res logits, IoU of chosen).
-
-        ``targets`` are the true masks at the low-res logits' size (area
-        averages, so soft at the borders): the loss at full resolution costs
-        16x more and taught no better in our runs.
-        """
-        import torch
-        import torch.nn.functional as F
-
-        if multimask:
-            logits, iou_pred = logits[:, 1:], iou_pred[:, 1:]
-        else:
-            logits, iou_pred = logits[:, :1], iou_pred[:, :1]
-        t = targets[:, None].expand_as(logits)
-        per_mask = (
-            self.focal_weight * focal_loss(logits, t) + self.bce_weight * bce_loss(logits, t) + dice_loss(logits, t)
-        )
-        with torch.no_grad():
-            pred, truth = logits > 0, t > 0.5
-            inter = (pred & truth).flatten(-2).sum(-1).float()
-            union = (pred | truth).flatten(-2).sum(-1).float()
-            real_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-        best = per_mask.argmin(1)
-        rows = torch.arange(len(best))
-        mask_loss = per_mask[rows, best].mean()
-        iou_loss = F.mse_loss(iou_pred, real_iou)
-        # Round two continues from the candidate the model itself would pick.
-        picked = iou_pred.detach().argmax(1)
-        return mask_loss + iou_loss, logits[rows, picked].detach(), real_iou[rows, best].mean().item()
+        """SAM's loss for one group of prompts; returns (loss, chosen low-res logits, IoU of chosen)."""
+        step = self.objective(logits, iou_pred, targets, multimask)
+        return step.loss, step.logits, step.iou
 
 
 def corrective_points(rng, low_res, targets, size) -> tuple[np.ndarray, np.ndarray]:
@@ -215,17 +135,7 @@ def corrective_points(rng, low_res, targets, size) -> tuple[np.ndarray, np.ndarr
     import torch.nn.functional as F
 
     pred = F.interpolate(low_res[:, None], (size, size), mode="bilinear", align_corners=False)[:, 0] > 0
-    pred = pred.numpy()
-    points, labels = [], []
-    for p, t in zip(pred, targets):
-        error = p ^ t
-        point = sample_in(rng, error)
-        if point is None:
-            point = sample_in(rng, t)
-        points.append(point)
-        x, y = min(int(point[0]), size - 1), min(int(point[1]), size - 1)
-        labels.append(1.0 if t[y, x] else 0.0)
-    return np.stack(points)[:, None], np.array(labels, dtype=np.float32)[:, None]
+    return corrective_batch(rng, pred.numpy(), targets)
 
 
 #: Each step trains one pair of prompt kinds, in turn: a first round and what follows it.

@@ -15,7 +15,7 @@ from sam_backend.sam.presets import default_preset
 logger = logging.getLogger(__name__)
 
 #: The commands that run the model, and so are re-executed under tcmalloc (see :mod:`sam_backend.accel.allocator`).
-MODEL_COMMANDS = ("serve", "precompute", "preannotate")
+MODEL_COMMANDS = ("serve", "precompute", "preannotate", "train")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     pre.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"), help="DEBUG, INFO, WARNING...")
     _add_ray_arguments(pre)
+    from sam_backend.commands.train import add_parsers
+
+    add_parsers(commands, _positive_int)
     return parser
 
 
@@ -355,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         return cache_command(args)
     if args.command == "precompute":
         return precompute_command(args)
+    if args.command in ("train", "versions"):
+        from sam_backend.commands.train import train_command, versions_command
+
+        return train_command(args) if args.command == "train" else versions_command(args)
     serve(args)
     return 0
 

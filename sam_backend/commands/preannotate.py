@@ -20,6 +20,7 @@ from sam_backend.errors import SamBackendError
 from sam_backend.labelstudio.api import LabelStudioProject, RunSummary
 from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config
 from sam_backend.labelstudio.media import Credentials
+from sam_backend.learning.serving import ProjectDecoders
 from sam_backend.logs import configure_logging
 from sam_backend.server.prelabel import PrelabelSettings
 
@@ -79,7 +80,9 @@ class PrelabelJob(Job):
         self.backend, self.project, self.settings = backend, project, settings
         self.overwrite, self.dry_run, self.batch_size, self.log_level = overwrite, dry_run, batch_size, log_level
         self.summary = Summary()
-        self.version = backend.model_version
+        # One decoder version for the whole run, here and in every Ray actor, whatever a training does meanwhile.
+        self.decoder = backend.decoders.current_weights(project.project)
+        self.version = self.decoder[0] if self.decoder else backend.model_version
         self._uploads: list[dict] = []
         self._replaced: list = []
 
@@ -103,13 +106,14 @@ class PrelabelJob(Job):
         from sam_backend.server.backend import SamBackend
 
         # The loaded model, with the runner's prefetched images for media.
-        backend = SamBackend(holder=self.backend.holder, fetcher=media, credentials=self.backend.credentials)
+        backend = SamBackend(holder=self.backend.holder, fetcher=media, credentials=self.backend.credentials,
+                             decoders=ProjectDecoders.fixed(self.project.project, self.decoder))
         return PrelabelWorker(backend, self.config, self.settings, self.project.project)
 
     def remote_worker(self):
         return PrelabelWorker.load, {"preset": self.backend.preset, "credentials": self.backend.credentials,
                                      "project": self.project.project, "label_config": self.label_config,
-                                     "settings": self.settings, "log_level": self.log_level}
+                                     "settings": self.settings, "log_level": self.log_level, "decoder": self.decoder}
 
     def record(self, item: Item, result: dict) -> None:
         if result["error"] is not None:
@@ -147,8 +151,8 @@ class PrelabelWorker:
 
     @classmethod
     def load(cls, media: PrefetchedMedia, preset: str, credentials: Credentials, project, label_config: str,
-             settings: PrelabelSettings, log_level: str = "WARNING") -> "PrelabelWorker":
-        """A worker with its own model (a Ray actor), loaded as the server loads it.
+             settings: PrelabelSettings, log_level: str = "WARNING", decoder=None) -> "PrelabelWorker":
+        """A worker with its own model (a Ray actor), loaded as the server loads it, with the run's decoder version.
 
         Raises:
             WorkerFailed: the model cannot be loaded.
@@ -162,7 +166,8 @@ class PrelabelWorker:
             holder.engine()
         except SamBackendError as exc:
             raise WorkerFailed(str(exc)) from exc
-        backend = SamBackend(holder=holder, fetcher=media, credentials=credentials)
+        backend = SamBackend(holder=holder, fetcher=media, credentials=credentials,
+                             decoders=ProjectDecoders.fixed(project, decoder))
         return cls(backend, parse_label_config(label_config), settings, project)
 
     def start_batch(self, items: list[Item]) -> None:

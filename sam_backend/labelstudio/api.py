@@ -136,6 +136,16 @@ class LabelStudioProject:
         })
         yield from self._paged("list the next tasks", page_size, query=query, fields="task_only")
 
+    def annotated_tasks(self, page_size: int = 100) -> Iterator[dict]:
+        """The tasks with at least one annotation, with their annotations, in id order, page by page."""
+        query = json.dumps({
+            "filters": {"conjunction": "and", "items": [
+                {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0},
+            ]},
+            "ordering": ["tasks:id"],
+        })
+        yield from self._paged("list the annotated tasks", page_size, query=query, fields="all")
+
     def _paged(self, what: str, page_size: int, **params) -> Iterator[dict]:
         seen, number = 0, 1
         while True:

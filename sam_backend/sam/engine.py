@@ -515,6 +515,62 @@ class SamEngine:
         out = self._mask_decoder(image_embeddings=features, **prompts)
         return out["masks"], out["iou_pred"]
 
+    # ------------------------------------------------------ decoder weights
+
+    def decoder_weights(self) -> list[np.ndarray]:
+        """The prompt encoder's and mask decoder's weights, in a fixed order (what project training changes).
+
+        A few million numbers for the SA-1B presets, against some ninety
+        million in the image encoder, which training never touches.
+        """
+        return [np.array(w.numpy()) for w in self._decoder_variables()]
+
+    def _decoder_variables(self) -> list:
+        return list(self._prompt_encoder.weights) + list(self._mask_decoder.weights)
+
+    def with_decoder(self, weights: list[np.ndarray] | None = None) -> "SamEngine":
+        """An engine sharing this one's image encoder (and its embeddings) with its own prompt encoder and mask decoder.
+
+        For a project's trained decoder, and for training one: the copy's
+        layers are keras-hub's own, rebuilt from their configs, holding
+        ``weights`` (from :meth:`decoder_weights`; default: this engine's).
+        Encode with this engine: an embedding serves every copy.
+
+        Raises:
+            ValueError: ``weights`` do not fit this model's decoder (another preset's).
+
+        Example:
+            >>> tuned = engine.with_decoder(saved_weights)  # doctest: +SKIP
+            >>> tuned.decode(engine.encode(image), points=[[40, 30]], labels=[1]).mask  # doctest: +SKIP
+        """
+        import copy
+
+        weights = self.decoder_weights() if weights is None else weights
+        expected = [tuple(v.shape) for v in self._decoder_variables()]
+        got = [tuple(np.shape(w)) for w in weights]
+        if got != expected:
+            raise ValueError(
+                f"these decoder weights do not fit the model: {len(got)} arrays where it has {len(expected)}"
+                + ("" if len(got) != len(expected) else ", of other shapes")
+            )
+        variant = copy.copy(self)
+        with device_scope(self.device):
+            layers = []
+            for layer in (self._prompt_encoder, self._mask_decoder):
+                clone = layer.__class__.from_config(layer.get_config())
+                clone.build_from_config(layer.get_build_config())
+                layers.append(clone)
+        variant._prompt_encoder, variant._mask_decoder = layers
+        for variable, value in zip(variant._decoder_variables(), weights):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+        variant._click_decoder = None
+        variant._click_decoder_lock = threading.Lock()
+        return variant
+
+    def decoder_parameters(self) -> list:
+        """The torch parameters of the prompt encoder and mask decoder that training updates."""
+        return [v.value for v in self._decoder_variables() if v.trainable]
+
     # --------------------------------------------------------------- predict
 
     def predict(self, image: ImageSource, **prompt) -> Prediction:

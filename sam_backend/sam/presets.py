@@ -22,6 +22,17 @@ def default_preset() -> str:
     return os.environ.get("SAM_PRESET") or DEFAULT_PRESET
 
 
+def preset_model_version(preset: str) -> str:
+    """The ``model_version`` of predictions from ``preset``'s own decoder, e.g. ``sam_base_sa1b@sam-backend-0.4.0``.
+
+    A project's trained versions extend it (``...+p12.v3``).
+    """
+    from sam_backend import __version__
+
+    name = os.path.basename(os.path.normpath(preset)) or preset
+    return f"{name}@sam-backend-{__version__}"
+
+
 def resolve_preset(preset: str) -> str:
     """What to hand to ``from_preset``: a shipped preset's directory, or ``preset`` itself."""
     shipped = SHIPPED_PRESETS_DIR / preset

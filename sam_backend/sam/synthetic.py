@@ -244,6 +244,52 @@ def generate_scene(
     return scene
 
 
+def generate_cell_scene(rng: np.random.Generator, size: tuple[int, int] | None = None,
+                        num_cells: tuple[int, int] = (2, 6)) -> Scene:
+    """A scene of "cells": each object is a body with a nucleus of another colour inside it.
+
+    A domain that the demo preset (trained on :func:`generate_scene`, where
+    every colour region is an object of its own) gets wrong from one click:
+    a click in the middle of a cell selects the nucleus, while the object is
+    the whole cell. Learning from annotations (:mod:`sam_backend.learning`)
+    is benchmarked on it.
+
+    Example:
+        >>> scene = generate_cell_scene(np.random.default_rng(0), (200, 300))
+        >>> bool(scene.masks.any(axis=(1, 2)).all())
+        True
+    """
+    if size is None:
+        long = int(rng.integers(256, 481))
+        short = int(long * rng.uniform(0.6, 1.0))
+        size = (long, short) if rng.random() < 0.4 else (short, long)
+    height, width = size
+    background = (_random_color(rng), _random_color(rng))
+    avoid = [np.array(c, dtype=np.float64) for c in background]
+    shapes, placed = [], []
+    for _ in range(int(rng.integers(*num_cells))):
+        for _attempt in range(20):  # cells do not overlap: each object is whole
+            radius = min(size) * rng.uniform(0.12, 0.22)
+            center = np.array([rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)])
+            if all(np.hypot(*(center - c)) > radius + r + 4 for c, r in placed):
+                break
+        else:
+            continue
+        placed.append((center, radius))
+        body_colors = (_distinct_color(rng, avoid), _distinct_color(rng, avoid, min_distance=40.0))
+        nucleus_colors = (_distinct_color(rng, avoid + [np.array(body_colors[0], np.float64)], min_distance=120.0),) * 2
+        fill, angle, period = _random_fill(rng, ("flat", "flat", "gradient", "noise"))
+        shapes.append(Shape("blob", blob(rng, tuple(center), radius), body_colors, fill, angle, period))
+        nucleus = ellipse(tuple(center + rng.uniform(-0.15, 0.15, 2) * radius),
+                          (radius * rng.uniform(0.35, 0.5), radius * rng.uniform(0.3, 0.45)), rng.uniform(0, np.pi))
+        shapes.append(Shape("ellipse", nucleus, nucleus_colors))
+    bg_fill, bg_angle, bg_period = _random_fill(rng, ("flat", "gradient", "noise"))
+    scene = render(size, shapes, (background, bg_fill, bg_angle, bg_period), float(rng.uniform(0, 8)), rng)
+    scene.masks = scene.masks[0::2] | scene.masks[1::2]
+    scene.shapes = scene.shapes[0::2]
+    return scene
+
+
 # ---------------------------------------------------------------- judging
 
 

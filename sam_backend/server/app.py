@@ -31,6 +31,7 @@ from sam_backend.errors import (
     SamBackendError,
 )
 from sam_backend.server.metrics import Metrics
+from sam_backend.server.training import TrainingService
 from sam_backend.server.shared_state import open_shared_state
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,10 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
     app.config["MAX_CONTENT_LENGTH"] = max_request_bytes()
     app.extensions["sam_backend"] = backend
     metrics = Metrics.create()
+    training = TrainingService(backend)
+    app.extensions["sam_training"] = training
     metrics.watch(lambda: [source for source in (getattr(backend.holder.loaded_engine, "stats", None),
-                                                 backend.holder.loaded_embeddings, backend.lookahead)
+                                                 backend.holder.loaded_embeddings, backend.lookahead, training)
                            if source is not None])
 
     def model_gauges():
@@ -208,14 +211,22 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
 
     @app.post("/webhook")
     def webhook():
-        body = request.get_json(silent=True) or {}
-        action = body.get("action") if isinstance(body, dict) else None
-        logger.info("Webhook %s received; SAM is not trained by this backend, nothing to do.", action)
-        return jsonify(status="ok", action=action, message="sam-backend does not train; event ignored."), 201
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise BadRequestError('A webhook body must be a JSON object with an "action".')
+        # Answered at once: a project webhook has 1 s; training runs in another process.
+        answer = training.handle(body)
+        if answer.get("status") != "ignored":
+            logger.info("Webhook %s: %s", body.get("action"), answer.get("message", answer.get("status")))
+        return jsonify(answer), 201 if answer.get("status") == "started" else 200
 
     @app.get("/versions")
     def versions():
-        return jsonify(versions=[backend.model_version], model_version=backend.model_version, backend=__version__)
+        names = [backend.model_version]
+        store = backend.decoders.store
+        if store is not None:
+            names += [v.name for p in store.projects() for v in store.versions(p) if v.accepted]
+        return jsonify(versions=names, model_version=backend.model_version, backend=__version__)
 
     @app.get("/metrics")
     def metrics_endpoint():

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sam_backend import __version__
 from sam_backend.env import env_number
 from sam_backend.embeddings.encode_queue import EncodeSkipped, Priority
 from sam_backend.embeddings.fingerprints import image_identity
@@ -28,7 +27,9 @@ from sam_backend.labelstudio.media import Credentials, MediaFetcher
 from sam_backend.labelstudio.output import OutputSettings, mask_to_regions
 from sam_backend.labelstudio.regions import fit_mask, prompt_from_context, prompts_from_task
 from sam_backend.sam.images import load_image
-from sam_backend.sam.presets import default_preset
+from sam_backend.learning.serving import ProjectDecoders
+from sam_backend.learning.versions import VersionStore, default_versions_dir
+from sam_backend.sam.presets import default_preset, preset_model_version
 from sam_backend.server.jobs import Outcome, PredictionJobs
 from sam_backend.server.lookahead import LookAhead
 from sam_backend.server.prelabel import PrelabelSettings, predict_task_masks
@@ -182,6 +183,9 @@ class SamBackend:
         shared: where what ``/setup`` said and the refinement logits live, so
             that every worker sees them (:func:`~sam_backend.server.shared_state.open_shared_state`,
             as the app factory's server does); default this process's memory.
+        decoders: which decoder answers each project
+            (:class:`~sam_backend.learning.serving.ProjectDecoders`); default
+            the projects' trained versions under ``SAM_VERSIONS_DIR``.
 
     Example:
         >>> backend = SamBackend(preset="sam_base_sa1b")  # doctest: +SKIP
@@ -196,6 +200,7 @@ class SamBackend:
         fetcher: MediaFetcher | None = None,
         credentials: Credentials | None = None,
         shared: SharedState | None = None,
+        decoders: ProjectDecoders | None = None,
     ):
         self.preset = preset or (holder.preset if holder else default_preset())
         self.holder = holder or ModelHolder(self.preset)
@@ -215,12 +220,23 @@ class SamBackend:
         self.predict_budget = float(budget) if budget else DEFAULT_PREDICT_BUDGET
         self._warmup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-warmup")
         self.lookahead = LookAhead(self)
+        # Each project's current trained decoder (MODEL_DIR), looked at before its predictions.
+        self.decoders = decoders if decoders is not None else ProjectDecoders(
+            VersionStore(default_versions_dir(), self.preset, self.model_version))
 
     @property
     def model_version(self) -> str:
         """The preset's name and the backend's version, e.g. ``sam_base_sa1b@sam-backend-0.1.0``."""
-        name = os.path.basename(os.path.normpath(self.preset)) or self.preset
-        return f"{name}@sam-backend-{__version__}"
+        return preset_model_version(self.preset)
+
+    def version_for(self, project) -> str:
+        """The ``model_version`` of ``project``'s predictions: its current trained version, else :attr:`model_version`."""
+        return self.decoders.version_for(project) or self.model_version
+
+    def engine_for(self, project) -> tuple:
+        """``(engine, model_version)`` for ``project``: the loaded model with the project's current decoder."""
+        engine, version = self.decoders.engine_for(self._engine(), project)
+        return engine, version or self.model_version
 
     # ------------------------------------------------------------------ setup
 
@@ -241,7 +257,7 @@ class SamBackend:
             extra_params=extra if isinstance(extra, dict) else {},
             label_config=body.get("schema") or None,
         )
-        answer = {"model_version": self.model_version}
+        answer = {"model_version": self.version_for(project)}
         if body.get("schema"):
             # Not an error: Label Studio connects models before the config is final.
             # An output its config cannot take is reported now too; /predict refuses it.
@@ -287,8 +303,8 @@ class SamBackend:
             raise BadRequestError('params.context must be an object with a "result" list of regions.')
         if not context or not context.get("result"):
             return self._predict_without_context(tasks, config, project)
-        engine = self._engine()
-        answers = [self._predict_task(engine, task, config, context, project) for task in tasks]
+        engine, version = self.engine_for(_request_project(project, tasks))
+        answers = [self._predict_task(engine, version, task, config, context, project) for task in tasks]
         if len(tasks) == 1:
             self._saw(tasks[0], config, project)
         return answers
@@ -317,7 +333,7 @@ class SamBackend:
                 self._load_waiters.release()
         return self.holder.engine()
 
-    def _predict_task(self, engine, task: dict, config: LabelConfig, context: dict, project) -> dict:
+    def _predict_task(self, engine, version: str, task: dict, config: LabelConfig, context: dict, project) -> dict:
         url, task_id = _image_url(task, config)
         output = self.output_settings(project or task.get("project"))
         output.kinds(config)  # a project asking for an output its config lacks fails before any compute
@@ -326,7 +342,7 @@ class SamBackend:
         prompt = prompt_from_context(context, config, embedding.frame.original_size)
         if not prompt:
             logger.info("Task %s: the context has no smart keypoint or rectangle for %r", task_id, config.image_name)
-            return self._prediction([], None)
+            return self._prediction([], None, version)
         # A click that extends the previous prompt starts from its mask, as SAM was trained.
         signature = prompt_signature(prompt.points, prompt.labels, prompt.box)
         mask_input = self.refinements.previous(image_key, signature)
@@ -343,7 +359,7 @@ class SamBackend:
             task_id, len(prompt.points), prompt.box is not None, ", refined" if mask_input is not None else "",
             next(iter(labels.values())), 100 * mask.mean(), prediction.score, len(regions), "+".join(labels),
         )
-        return self._prediction(regions, prediction.score)
+        return self._prediction(regions, prediction.score, version)
 
     def _embedding(self, url: str, task_id, project, priority: Priority = Priority.CLICK):
         """Fetch the task's image and encode it (``priority`` among queued encodes), unless its embedding is cached."""
@@ -360,8 +376,9 @@ class SamBackend:
         path = self.fetcher.fetch(url, task_id=task_id, credentials=self.credentials_for(project))
         return _image_key(url, path, task_id), _image_loader(path, url, task_id)
 
-    def _prediction(self, result: list, score: float | None) -> dict:
-        prediction = {"result": result, "model_version": self.model_version}
+    @staticmethod
+    def _prediction(result: list, score: float | None, version: str) -> dict:
+        prediction = {"result": result, "model_version": version}
         if score is not None:
             prediction["score"] = score
         return prediction
@@ -392,9 +409,10 @@ class SamBackend:
             # for the first click. A batch would queue CPU work behind clicks.
             if single:
                 self._start_warmup(tasks[0], config, project)  # and then the look-ahead
-            return [self._prediction([], None) for _ in tasks]
+            version = self.version_for(_request_project(project, tasks))
+            return [self._prediction([], None, version) for _ in tasks]
         settings.output.kinds(config)  # an output the config cannot take is one error, not one per task
-        engine = self._engine()
+        engine, version = self.engine_for(_request_project(project, tasks))
         items, outcomes = [], []
         for task, has_prompts in zip(tasks, own):
             try:
@@ -403,12 +421,12 @@ class SamBackend:
                 outcomes.append(Outcome(error=exc))
                 continue
             if settings.mode == "boxes" and not has_prompts:
-                outcomes.append(Outcome(prediction=self._prediction([], None)))
+                outcomes.append(Outcome(prediction=self._prediction([], None, version)))
                 continue
             task_project = _project_id(task.get("project") or project)
-            compute = functools.partial(self._prelabel_task, engine, task, url, config, settings, project)
+            compute = functools.partial(self._prelabel_task, engine, version, task, url, config, settings, project)
             deliver = functools.partial(self._post_prediction, task_id, task_project)
-            items.append(((task_project, task_id, self.model_version, settings), compute, deliver))
+            items.append(((task_project, task_id, version, settings), compute, deliver))
             outcomes.append(None)
         started = time.monotonic()
         computed = iter(self.jobs.run(items, self.predict_budget))
@@ -439,19 +457,21 @@ class SamBackend:
             SamBackendError: the task's image cannot be fetched or read, a region is malformed...
         """
         url, _ = _image_url(task, config)
-        return self._prelabel_task(self.holder.engine(), task, url, config, settings, project)
+        engine, version = self.decoders.engine_for(self.holder.engine(), _request_project(project, [task]))
+        return self._prelabel_task(engine, version or self.model_version, task, url, config, settings, project)
 
     def encode_tasks(self, tasks: list[dict], config: LabelConfig, project=None) -> None:
         """Fetch the tasks' images and encode those not cached in one encoder call (GPU batches)."""
         items = [self.image_source(*_image_url(task, config), project or task.get("project")) for task in tasks]
         self.holder.embeddings().embeddings_for_many(items)
 
-    def _prelabel_task(self, engine, task: dict, url: str, config: LabelConfig, settings: PrelabelSettings, project) -> dict:
+    def _prelabel_task(self, engine, version: str, task: dict, url: str, config: LabelConfig, settings: PrelabelSettings,
+                       project) -> dict:
         # Behind clicks and warm-ups in the encode queue: nobody is waiting at a click for it.
         embedding = self._embedding(url, task.get("id"), project or task.get("project"), Priority.BACKGROUND)
         found = predict_task_masks(engine, embedding, task, config, settings)
         logger.info("Task %s: %d mask(s) from %s", task.get("id"), len(found.regions), found.source)
-        return self._prediction(found.regions, found.score)
+        return self._prediction(found.regions, found.score, version)
 
     def _post_prediction(self, task_id, project: str, prediction: dict) -> None:
         """Post a prediction finished after the request's budget to Label Studio."""
@@ -552,6 +572,14 @@ def _env_int(name: str, default: int) -> int:
         return int(os.environ.get(name, "").strip() or default)
     except ValueError:
         return default
+
+
+def _request_project(project, tasks: list):
+    """The project a request is about: the body's, else its first task's."""
+    if project not in (None, ""):
+        return project
+    first = tasks[0] if tasks else None
+    return first.get("project") if isinstance(first, dict) else None
 
 
 def _project_id(project) -> str:
