@@ -76,18 +76,24 @@ class TrainingOutcome:
 
 
 def held_out(task_ids: list[int], project: int) -> set[int]:
-    """The tasks kept for the gate: :data:`HELD_OUT_SHARE` of them, at least :data:`MIN_HELD_OUT`.
+    """The tasks kept for the gate: at least :data:`HELD_OUT_SHARE` of them, and at least :data:`MIN_HELD_OUT`.
 
-    Chosen by a hash of ``project:task``, so the same task is always on the
-    same side, and a growing project adds tasks to both sides.
+    A task is held out when a hash of ``project:task`` falls in the lowest
+    :data:`HELD_OUT_SHARE` of its range: the same task is always on the
+    same side however the project grows. Where chance leaves too few, the
+    next tasks in hash order are added.
 
     Example:
-        >>> len(held_out(list(range(100)), 3)), len(held_out(list(range(8)), 3))
-        (20, 5)
+        >>> len(held_out(list(range(8)), 3))
+        5
     """
+    def position(task: int) -> float:
+        return int(hashlib.sha256(f"{project}:{task}".encode()).hexdigest()[:12], 16) / 16**12
+
     count = max(MIN_HELD_OUT, math.ceil(HELD_OUT_SHARE * len(task_ids)))
-    ranked = sorted(task_ids, key=lambda t: hashlib.sha256(f"{project}:{t}".encode()).hexdigest())
-    return set(ranked[:count])
+    ranked = sorted(task_ids, key=position)
+    chosen = {t for t in ranked if position(t) < HELD_OUT_SHARE}
+    return chosen if len(chosen) >= count else set(ranked[:count])  # ranked starts with the chosen ones
 
 
 class ProjectTrainer:
