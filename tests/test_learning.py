@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,70 +291,71 @@ def trainer_for(fake, preset: str, tmp_path, steps: int = 120):
 
 
 @pytest.fixture()
-def loopback_media(monkeypatch):
+def cells(tmp_path, monkeypatch):
+    """Makes :func:`cell_project` s (images on loopback, which is allowed here), closed at the end."""
     monkeypatch.setenv("SAM_MEDIA_ALLOWED_HOSTS", "127.0.0.1")
+    made = []
+
+    def make(tasks: int):
+        made.append(cell_project(tmp_path, tasks))
+        return made[-1]
+
+    yield make
+    for fake in made:
+        fake.close()
 
 
-def test_a_better_decoder_is_accepted_and_a_worse_one_rejected(tmp_path, loopback_media, monkeypatch):
+def test_a_better_decoder_is_accepted_and_a_worse_one_rejected(tmp_path, cells, monkeypatch):
     from sam_backend.learning import project as project_module
 
-    fake = cell_project(tmp_path, 12)
+    fake = cells(12)
     fake.tasks[PROJECT][3]["annotations"][0]["result"][0]["value"]["rle"] = [7, 7]  # one unreadable region
-    try:
-        trainer, store = trainer_for(fake, "demo", tmp_path)
-        outcome = trainer.run()
-        assert outcome.status == "accepted", outcome.reason
-        info = outcome.version
-        assert info.after["mean_iou"] > info.before["mean_iou"] and info.details["held_out_tasks"] == 5
-        assert info.details["training_tasks"] == 7 and store.current(PROJECT).number == 1
-        assert "held-out mean IoU" in info.reason and "replaces the preset" in info.reason
+    trainer, store = trainer_for(fake, "demo", tmp_path)
+    outcome = trainer.run()
+    assert outcome.status == "accepted", outcome.reason
+    info = outcome.version
+    assert info.after["mean_iou"] > info.before["mean_iou"] and info.details["held_out_tasks"] == 5
+    assert info.details["training_tasks"] == 7 and store.current(PROJECT).number == 1
+    assert "held-out mean IoU" in info.reason and "replaces the preset" in info.reason
 
-        # The gate: a training that makes things worse is kept on disk with its figures, and not used.
-        real_fit = project_module.DecoderTuner.fit
+    # The gate: a training that makes things worse is kept on disk with its figures, and not used.
+    real_fit = project_module.DecoderTuner.fit
 
-        def spoiled(self, images, should_stop=None):
-            tuned, report = real_fit(self, images, should_stop)
-            for parameter in tuned.decoder_parameters():
-                parameter.data.mul_(-1.0)
-            return tuned, report
+    def spoiled(self, images, should_stop=None):
+        tuned, report = real_fit(self, images, should_stop)
+        for parameter in tuned.decoder_parameters():
+            parameter.data.mul_(-1.0)
+        return tuned, report
 
-        monkeypatch.setattr(project_module.DecoderTuner, "fit", spoiled)
-        worse = trainer.run()
-        assert worse.status == "rejected" and worse.version.number == 2 and not worse.version.accepted
-        assert worse.version.after["mean_iou"] < worse.version.before["mean_iou"]
-        assert "stays in use" in worse.version.reason and store.current(PROJECT).number == 1
-        assert worse.version.details["started_from"].endswith("+p9.v1")
-    finally:
-        fake.close()
+    monkeypatch.setattr(project_module.DecoderTuner, "fit", spoiled)
+    worse = trainer.run()
+    assert worse.status == "rejected" and worse.version.number == 2 and not worse.version.accepted
+    assert worse.version.after["mean_iou"] < worse.version.before["mean_iou"]
+    assert "stays in use" in worse.version.reason and store.current(PROJECT).number == 1
+    assert worse.version.details["started_from"].endswith("+p9.v1")
 
 
-def test_too_few_annotations_and_label_studio_failures_change_nothing(tmp_path, loopback_media):
-    fake = cell_project(tmp_path, 6)
-    try:
-        trainer, store = trainer_for(fake, "demo", tmp_path, steps=5)
-        outcome = trainer.run()
-        assert outcome.status == "skipped" and "needs at least 10" in outcome.reason and not store.versions(PROJECT)
-        fake.fail_lists[PROJECT] = 503
-        trainer.project.retries = 0
-        failed = trainer.run()
-        assert failed.status == "failed" and "Label Studio" in failed.reason
-        assert store.last_outcome(PROJECT)["status"] == "failed" and store.current(PROJECT) is None
-    finally:
-        fake.close()
+def test_too_few_annotations_and_label_studio_failures_change_nothing(tmp_path, cells):
+    fake = cells(6)
+    trainer, store = trainer_for(fake, "demo", tmp_path, steps=5)
+    outcome = trainer.run()
+    assert outcome.status == "skipped" and "needs at least 10" in outcome.reason and not store.versions(PROJECT)
+    fake.fail_lists[PROJECT] = 503
+    trainer.project.retries = 0
+    failed = trainer.run()
+    assert failed.status == "failed" and "Label Studio" in failed.reason
+    assert store.last_outcome(PROJECT)["status"] == "failed" and store.current(PROJECT) is None
 
 
-def test_an_interrupted_training_writes_nothing(tmp_path, loopback_media):
+def test_an_interrupted_training_writes_nothing(tmp_path, cells):
     from sam_backend.learning.tuning import Interrupted
 
-    fake = cell_project(tmp_path, 10)
-    try:
-        trainer, store = trainer_for(fake, "demo", tmp_path, steps=50)
-        calls = []
-        with pytest.raises(Interrupted):
-            trainer.run(should_stop=lambda: calls.append(1) or len(calls) > 15)
-        assert not store.versions(PROJECT) and not store.is_training(PROJECT)
-    finally:
-        fake.close()
+    fake = cells(10)
+    trainer, store = trainer_for(fake, "demo", tmp_path, steps=50)
+    calls = []
+    with pytest.raises(Interrupted):
+        trainer.run(should_stop=lambda: calls.append(1) or len(calls) > 15)
+    assert not store.versions(PROJECT) and not store.is_training(PROJECT)
 
 
 def test_held_out_tasks_stay_held_out_as_the_project_grows():
@@ -420,70 +422,66 @@ def test_training_is_not_started_without_credentials_or_twice(tmp_path):
 
 
 def test_start_training_through_the_webhook_trains_in_a_child_and_predictions_carry_the_version(
-        tmp_path, loopback_media, monkeypatch):
+        tmp_path, cells, monkeypatch):
     """The server's whole path: "Start Training", the child process, the gate, then /setup and /predict."""
     from sam_backend.labelstudio.media import Credentials
     from sam_backend.server.app import create_app
     from sam_backend.server.backend import SamBackend
 
-    fake = cell_project(tmp_path, 10)
+    fake = cells(10)
     monkeypatch.setenv("SAM_TRAIN_STEPS", "80")
     monkeypatch.setenv("SAM_CACHE_DIR", str(tmp_path / "store"))
-    try:
-        backend = SamBackend(preset="demo", credentials=Credentials(fake.url, fake.token))
-        app = create_app(backend)
-        backend.holder.wait(120)
-        client = app.test_client()
-        started = time.monotonic()
-        answer = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}})
-        assert answer.status_code == 201 and answer.get_json()["status"] == "started"
-        assert time.monotonic() - started < 1.0  # well inside Label Studio's webhook timeout
-        assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}}
-                           ).get_json()["status"] == "not started"  # one training per project
-        training = app.extensions["sam_training"]
-        assert training.wait_idle(300)
-        outcome = backend.decoders.store.last_outcome(PROJECT)
-        assert outcome["status"] == "accepted", outcome
-        time.sleep(1.1)  # a worker looks at the project's current version at most every second
-        setup = client.post("/setup", json={"project": f"{PROJECT}.1700000000", "schema": LABEL_CONFIG})
-        version = setup.get_json()["model_version"]
-        assert version.startswith("demo@sam-backend-") and version.endswith(f"+p{PROJECT}.v1")
-        task = fake.tasks[PROJECT][0]
-        body = {"tasks": [{"id": task["id"], "data": {"image": fake.url + task["data"]["image"]}}],
-                "project": f"{PROJECT}.1700000000", "label_config": LABEL_CONFIG,
-                "params": {"context": {"result": [{"type": "keypointlabels", "from_name": "keypoint",
-                                                   "to_name": "image", "original_width": 100,
-                                                   "original_height": 100, "is_positive": True,
-                                                   "value": {"x": 50, "y": 50, "width": 1,
-                                                             "keypointlabels": ["Cat"]}}]}}}
-        prediction = client.post("/predict", json=body).get_json()["results"][0]
-        assert prediction["model_version"] == version
-        metrics = client.get("/metrics").get_data(as_text=True)
-        assert 'sam_training_runs_total{outcome="accepted"} 1.0' in metrics
-        assert version in client.get("/versions").get_json()["versions"]
-    finally:
-        fake.close()
+    backend = SamBackend(preset="demo", credentials=Credentials(fake.url, fake.token))
+    app = create_app(backend)
+    backend.holder.wait(120)
+    client = app.test_client()
+    started = time.monotonic()
+    answer = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}})
+    assert answer.status_code == 201 and answer.get_json()["status"] == "started"
+    assert time.monotonic() - started < 1.0  # well inside Label Studio's webhook timeout
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}}
+                       ).get_json()["status"] == "not started"  # one training per project
+    training = app.extensions["sam_training"]
+    assert training.wait_idle(300)
+    outcome = backend.decoders.store.last_outcome(PROJECT)
+    assert outcome["status"] == "accepted", outcome
+    time.sleep(1.1)  # a worker looks at the project's current version at most every second
+    setup = client.post("/setup", json={"project": f"{PROJECT}.1700000000", "schema": LABEL_CONFIG})
+    version = setup.get_json()["model_version"]
+    assert version.startswith("demo@sam-backend-") and version.endswith(f"+p{PROJECT}.v1")
+    task = fake.tasks[PROJECT][0]
+    body = {"tasks": [{"id": task["id"], "data": {"image": fake.url + task["data"]["image"]}}],
+            "project": f"{PROJECT}.1700000000", "label_config": LABEL_CONFIG,
+            "params": {"context": {"result": [{"type": "keypointlabels", "from_name": "keypoint",
+                                               "to_name": "image", "original_width": 100,
+                                               "original_height": 100, "is_positive": True,
+                                               "value": {"x": 50, "y": 50, "width": 1,
+                                                         "keypointlabels": ["Cat"]}}]}}}
+    prediction = client.post("/predict", json=body).get_json()["results"][0]
+    assert prediction["model_version"] == version
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'sam_training_runs_total{outcome="accepted"} 1.0' in metrics
+    assert version in client.get("/versions").get_json()["versions"]
 
 
-def test_train_and_versions_commands(tmp_path, loopback_media, capsys):
+def test_train_and_versions_commands(tmp_path, cells, capsys):
     from sam_backend.commands.cli import main
 
-    fake = cell_project(tmp_path, 10)
-    try:
-        code = main(["train", "--url", fake.url, "--api-key", fake.token, "--project", str(PROJECT),
-                     "--preset", "demo", "--steps", "60", "--threads", "2"])
-        out = capsys.readouterr().out
-        assert code == 0 and out.startswith("accepted: demo@sam-backend-"), out
-        assert main(["versions", "--project", str(PROJECT), "--preset", "demo"]) == 0
-        listing = capsys.readouterr().out
-        assert "* p9 v1   accepted" in listing and "held-out mean IoU" in listing
-        assert main(["versions", "--project", str(PROJECT), "--preset", "demo", "--pin", "1", "--log-level",
-                     "ERROR"]) == 0
-        assert "pinned" in capsys.readouterr().out
-        assert main(["versions", "--project", str(PROJECT), "--preset", "demo", "--json"]) == 0
-        (row,) = json.loads(capsys.readouterr().out)
-        assert row["pinned"] and row["after"]["mean_iou"] > row["before"]["mean_iou"]
-        assert main(["versions", "--project", str(PROJECT), "--preset", "demo", "--pin", "7"]) == 1
-    finally:
-        fake.close()
-    assert os.environ["SAM_VERSIONS_DIR"]  # written under the test's own directory
+    fake = cells(10)
+    code = main(["train", "--url", fake.url, "--api-key", fake.token, "--project", str(PROJECT),
+                 "--preset", "demo", "--steps", "60", "--threads", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("accepted: demo@sam-backend-"), out
+    assert main(["versions", "--project", str(PROJECT), "--preset", "demo"]) == 0
+    listing = capsys.readouterr().out
+    assert "* p9 v1   accepted" in listing and "held-out mean IoU" in listing
+    assert main(["versions", "--project", str(PROJECT), "--preset", "demo", "--pin", "1", "--log-level",
+                 "ERROR"]) == 0
+    assert "pinned" in capsys.readouterr().out
+    assert main(["versions", "--project", str(PROJECT), "--preset", "demo", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["pinned"] and row["after"]["mean_iou"] > row["before"]["mean_iou"]
+    assert main(["versions", "--project", str(PROJECT), "--preset", "demo", "--pin", "7"]) == 1
+    # Written under the versions directory (the test's own): the decoder only, a few MB, not the encoder.
+    written = Path(os.environ["SAM_VERSIONS_DIR"]) / "demo" / f"project-{PROJECT}" / "v1" / "decoder.npz"
+    assert 0 < written.stat().st_size < 5_000_000

@@ -207,3 +207,26 @@ def test_an_address_nobody_answers_is_a_clear_error_at_once():
             _check_reachable(address)
     _check_reachable("local")  # Ray's own names are Ray's to resolve
     _check_reachable("auto")
+
+
+def test_every_ray_actor_uses_the_projects_trained_version(ray_instance, labelstudio, tiny_preset_dir, tmp_path,
+                                                           capsys, monkeypatch):
+    from sam_backend.learning.versions import VersionStore, default_versions_dir
+    from sam_backend.sam.engine import SamEngine
+    from sam_backend.sam.presets import preset_model_version
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model-dir"))
+    labelstudio.tasks[PROJECT] = labelstudio.tasks[PROJECT][:IMAGES]
+    preset = str(tiny_preset_dir)
+    weights = [w * 1.5 if w.ndim >= 2 else w for w in SamEngine.from_preset(preset).decoder_weights()]
+    # The job hands the run's version (name and weights) to every actor: no actor needs the versions directory.
+    store = VersionStore(default_versions_dir(), preset, preset_model_version(preset))
+    version = store.save(PROJECT, weights, accepted=True, reason="a test version")
+    assert preannotate(labelstudio, tiny_preset_dir, tmp_path / "single") == 0
+    single = by_task(ours(labelstudio))
+    assert len(single) == IMAGES and {p["model_version"] for p in single.values()} == {version.name}
+
+    without_ours(labelstudio)
+    assert preannotate(labelstudio, tiny_preset_dir, tmp_path / "ray", "--ray", "--ray-actors", "2") == 0
+    assert by_task(ours(labelstudio)) == single  # the trained decoder's masks and scores, from every actor
+    capsys.readouterr()

@@ -34,7 +34,7 @@ def add_parsers(commands, positive_int) -> None:
     train.add_argument("--device", default=None, help="torch device (default SAM_DEVICE, else CUDA when present)")
     train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     train.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by this much")
-    train.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default SAM_TRAIN_STEPS, else 300)")
+    train.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default SAM_TRAIN_STEPS, else 120)")
     train.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING...")
 
     versions = commands.add_parser("versions", help="list a project's trained versions, or pin one")

@@ -220,7 +220,7 @@ class SamBackend:
         self.predict_budget = float(budget) if budget else DEFAULT_PREDICT_BUDGET
         self._warmup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-warmup")
         self.lookahead = LookAhead(self)
-        # Each project's current trained decoder (MODEL_DIR), looked at before its predictions.
+        # Each project's current trained decoder (SAM_VERSIONS_DIR), looked at before its predictions.
         self.decoders = decoders if decoders is not None else ProjectDecoders(
             VersionStore(default_versions_dir(), self.preset, self.model_version))
 
