@@ -251,7 +251,7 @@ def test_every_worker_moves_to_a_new_version_and_keeps_the_last_good_one(tmp_pat
     # A new version that cannot be read (another preset's weights): the previous one stays in use.
     store.save(3, weights_of(engine)[:-1], accepted=True, reason="broken")
     assert decoders.engine_for(engine, 3) == (served, name) and decoders.version_for(3) == name
-    assert "do not fit" in next(iter(decoders.failures.values()))
+    assert "do not fit" in next(iter(decoders.failures.values()))  # and on /health, as unusable_versions
 
 
 # ------------------------------------------------------------------ training a project
@@ -339,12 +339,31 @@ def test_too_few_annotations_and_label_studio_failures_change_nothing(tmp_path, 
     fake = cells(6)
     trainer, store = trainer_for(fake, "demo", tmp_path, steps=5)
     outcome = trainer.run()
-    assert outcome.status == "skipped" and "needs at least 10" in outcome.reason and not store.versions(PROJECT)
+    assert outcome.status == "skipped" and "needs at least 10" in outcome.reason
+    assert outcome.cause == "too_few_annotations" and not store.versions(PROJECT)
     fake.fail_lists[PROJECT] = 503
     trainer.project.retries = 0
     failed = trainer.run()
-    assert failed.status == "failed" and "Label Studio" in failed.reason
+    assert failed.status == "failed" and "Label Studio" in failed.reason and failed.cause == "label_studio"
     assert store.last_outcome(PROJECT)["status"] == "failed" and store.current(PROJECT) is None
+
+
+def test_a_full_disk_fails_the_training_and_the_current_version_stays(tmp_path, cells, monkeypatch):
+    import sam_backend.learning.versions as versions
+
+    fake = cells(10)
+    trainer, store = trainer_for(fake, "demo", tmp_path, steps=5)
+    engine = trainer.tiers.engine
+    store.save(PROJECT, engine.decoder_weights(), accepted=True, reason="the version in use")
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(versions, "_write_synced", full_disk)
+    outcome = trainer.run()
+    assert outcome.status == "failed" and outcome.cause == "write" and "No space left" in outcome.reason
+    assert store.current(PROJECT).number == 1 and [v.number for v in store.versions(PROJECT)] == [1]
+    assert not list(store.project_dir(PROJECT).glob(".v*"))
 
 
 def test_an_interrupted_training_writes_nothing(tmp_path, cells):
@@ -460,7 +479,7 @@ def test_start_training_through_the_webhook_trains_in_a_child_and_predictions_ca
     prediction = client.post("/predict", json=body).get_json()["results"][0]
     assert prediction["model_version"] == version
     metrics = client.get("/metrics").get_data(as_text=True)
-    assert 'sam_training_runs_total{outcome="accepted"} 1.0' in metrics
+    assert 'sam_training_runs_total{cause="better",outcome="accepted"} 1.0' in metrics
     assert version in client.get("/versions").get_json()["versions"]
 
 

@@ -127,10 +127,10 @@ def test_a_task_still_computing_is_not_computed_twice(engine, tmp_path, labelstu
     computed = []
     original = backend._prelabel_task
 
-    def counting(engine, task, *args):
+    def counting(engine, version, task, *args):
         computed.append(task["id"])
         time.sleep(0.3)
-        return original(engine, task, *args)
+        return original(engine, version, task, *args)
 
     backend._prelabel_task = counting
     client = create_app(backend).test_client()

@@ -31,7 +31,7 @@ from sam_backend.labelstudio.api import LabelStudioError, LabelStudioProject
 from sam_backend.labelstudio.labelconfig import parse_label_config
 from sam_backend.labelstudio.media import Credentials, MediaFetcher
 from sam_backend.learning.tuning import AnnotatedImage, DecoderTuner, Interrupted, Scores, TuneSettings, evaluate
-from sam_backend.learning.versions import VersionInfo, VersionStore
+from sam_backend.learning.versions import VersionError, VersionInfo, VersionStore
 from sam_backend.sam.images import load_image
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ class TrainingOutcome:
         project: the project id.
         status: ``accepted`` (a new current version), ``rejected`` (kept, not
             used), ``skipped`` (nothing to train on, or already training) or ``failed``.
-        reason: in words, for the log, ``/metrics``' label and ``sam-backend train``.
+        reason: in words, for the log and ``sam-backend train``.
+        cause: the reason in one word, for ``/metrics``: ``better``, ``not_better``,
+            ``too_few_annotations``, ``label_studio``, ``write``, ``error``.
         version: the version written (accepted or rejected).
         tasks: annotated tasks used (training + held out).
         objects: annotated objects among them.
@@ -62,6 +64,7 @@ class TrainingOutcome:
     project: int
     status: str
     reason: str
+    cause: str = "error"
     version: VersionInfo | None = None
     tasks: int = 0
     objects: int = 0
@@ -69,7 +72,7 @@ class TrainingOutcome:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"project": self.project, "status": self.status, "reason": self.reason,
+        return {"project": self.project, "status": self.status, "reason": self.reason, "cause": self.cause,
                 "version": self.version.name if self.version else None, "tasks": self.tasks,
                 "objects": self.objects, "problems": len(self.problems), "seconds": round(self.seconds, 1),
                 "finished": time.time()}
@@ -135,7 +138,9 @@ class ProjectTrainer:
             try:
                 outcome = self._train(should_stop)
             except LabelStudioError as exc:
-                outcome = TrainingOutcome(project, "failed", f"Label Studio: {exc}")
+                outcome = TrainingOutcome(project, "failed", f"Label Studio: {exc}", cause="label_studio")
+            except VersionError as exc:
+                outcome = TrainingOutcome(project, "failed", str(exc), cause="write")
             except SamBackendError as exc:
                 outcome = TrainingOutcome(project, "failed", str(exc))
             outcome.seconds = time.perf_counter() - started
@@ -148,7 +153,8 @@ class ProjectTrainer:
         project = self.project.project
         images, problems = self.annotated_images(should_stop)
         objects = sum(len(i.masks) for i in images)
-        outcome = TrainingOutcome(project, "skipped", "", tasks=len(images), objects=objects, problems=problems)
+        outcome = TrainingOutcome(project, "skipped", "", "too_few_annotations", tasks=len(images), objects=objects,
+                                  problems=problems)
         needed = MIN_HELD_OUT + MIN_TRAINING
         if len(images) < needed:
             outcome.reason = (f"{len(images)} annotated task(s) with brush or polygon objects; training needs at "
@@ -172,7 +178,7 @@ class ProjectTrainer:
             details["stopped_early"] = report.stopped
         outcome.version = self.versions.save(project, tuned.decoder_weights(), accepted, reason, before.as_dict(),
                                              after.as_dict(), details)
-        outcome.status = "accepted" if accepted else "rejected"
+        outcome.status, outcome.cause = ("accepted", "better") if accepted else ("rejected", "not_better")
         outcome.reason = f"{outcome.version.name}: {reason}"
         return outcome
 

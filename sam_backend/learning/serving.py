@@ -42,7 +42,7 @@ class ProjectDecoders:
         self.store = store
         self.recheck_seconds = recheck_seconds
         self._lock = threading.Lock()
-        self._checked: dict[int, tuple[float, tuple, object]] = {}  # project -> (when, stamp, (name, number) | None)
+        self._checked: dict[int, tuple[float, tuple, object]] = {}  # project -> (when, stamp, (name, info) | None)
         self._loaded: OrderedDict[str, SamEngine] = OrderedDict()
         self._fixed: dict[int, tuple[str, list[np.ndarray]]] = {}
         self._failed: set[str] = set()

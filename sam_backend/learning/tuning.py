@@ -88,7 +88,7 @@ class TuneSettings:
         batch: objects per step (``SAM_TRAIN_BATCH``, default 4).
         learning_rate: AdamW's peak rate (``SAM_TRAIN_LR``, default 3e-4), reached after a 10 %
             warm-up and decayed along a cosine.
-        rounds: corrective rounds after the first prompt, as SAM trains (default 1).
+        rounds: corrective rounds after the first prompt, as SAM trains (``SAM_TRAIN_ROUNDS``, default 1).
 
     The defaults fit a ViT-B decoder's training on 40 annotated images into
     about five minutes of two CPU cores (``bench/learning.py``): each object
@@ -108,7 +108,8 @@ class TuneSettings:
 
     @classmethod
     def from_env(cls) -> "TuneSettings":
-        """The defaults, overridden by ``SAM_TRAIN_STEPS``, ``SAM_TRAIN_BATCH``, ``SAM_TRAIN_LR``, ``SAM_TRAIN_MAX_SECONDS``.
+        """The defaults, overridden by ``SAM_TRAIN_STEPS``, ``SAM_TRAIN_BATCH``, ``SAM_TRAIN_LR``,
+        ``SAM_TRAIN_ROUNDS``, ``SAM_TRAIN_MAX_SECONDS``.
 
         Raises:
             ValueError: a setting that is not a number.
@@ -117,6 +118,7 @@ class TuneSettings:
             steps=_env_number("SAM_TRAIN_STEPS", cls.steps, int),
             batch=_env_number("SAM_TRAIN_BATCH", cls.batch, int),
             learning_rate=_env_number("SAM_TRAIN_LR", cls.learning_rate),
+            rounds=_env_number("SAM_TRAIN_ROUNDS", cls.rounds, int),
             max_seconds=_env_number("SAM_TRAIN_MAX_SECONDS", cls.max_seconds),
         )
 

@@ -143,7 +143,7 @@ class VersionStore:
             return None
 
     def current(self, project: int) -> VersionInfo | None:
-        """The version in use (None: the preset's own decoder), and whether it is pinned (``pinned`` in :meth:`pointer`)."""
+        """The version in use (None: the preset's own decoder); :meth:`pointer` says whether it is pinned."""
         number = self.pointer(project).get("version")
         if not number:
             return None

@@ -185,6 +185,8 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
         if holder.error:
             body["error"] = holder.error
         body["lookahead"] = backend.lookahead.status()
+        if backend.decoders.failures:  # trained versions this worker could not load (the previous one answers)
+            body["unusable_versions"] = dict(backend.decoders.failures)
         return jsonify(body)
 
     @app.post("/setup")

@@ -98,8 +98,8 @@ class TrainingService:
         self.every = int(every if every is not None else env_number("SAM_TRAIN_EVERY", DEFAULT_TRAIN_EVERY))
         self.threads = int(threads if threads is not None else env_number("SAM_TRAIN_THREADS", default_threads()))
         self.nice = int(nice if nice is not None else env_number("SAM_TRAIN_NICE", DEFAULT_NICE))
-        self.runs = Counter("sam_training_runs", "Trainings by outcome (accepted, rejected, skipped, failed)",
-                            ["outcome"], registry=None)
+        self.runs = Counter("sam_training_runs", "Trainings by outcome (accepted, rejected, skipped, failed) and cause",
+                            ["outcome", "cause"], registry=None)
         self.refused = Counter("sam_training_not_started", "Trainings asked for but not started, by reason",
                                ["reason"], registry=None)
         self.running = Gauge("sam_training_running", "Trainings this worker has started that are running",
@@ -147,6 +147,7 @@ class TrainingService:
         credentials = self.backend.credentials_for(project)
         env = dict(os.environ, LABEL_STUDIO_URL=credentials.hostname, LABEL_STUDIO_API_KEY=credentials.token,
                    SAM_VERSIONS_DIR=str(self.versions.root))
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its encodes are not the server's: they stay out of /metrics
         command = [sys.executable, "-m", "sam_backend", "train", "--project", str(project),
                    "--preset", self.backend.preset, "--threads", str(self.threads), "--nice", str(self.nice),
                    "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
@@ -181,10 +182,11 @@ class TrainingService:
         outcome = self.versions.last_outcome(project)
         status = outcome.get("status") if outcome.get("finished", 0) >= started else None
         if status is None:  # killed, or crashed before it could say why
-            status, reason = "failed", f"the training process exited with status {code} without an outcome"
+            status, cause = "failed", "process_exit"
+            reason = f"the training process exited with status {code} without an outcome"
         else:
-            reason = outcome.get("reason")
-        self.runs.labels(status).inc()
+            reason, cause = outcome.get("reason"), outcome.get("cause", "error")
+        self.runs.labels(status, cause).inc()
         if status == "failed":
             logger.error("Project %s: training failed: %s; the current version stays in use", project, reason)
         else:

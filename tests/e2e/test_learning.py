@@ -85,4 +85,4 @@ def test_annotations_then_start_training_give_a_new_model_version(label_studio, 
     assert "errors" not in answer and answer["data"]["result"], answer
     assert answer["data"]["model_version"].endswith(version), answer["data"]["model_version"]
     metrics = requests.get(training_backend.url + "/metrics", timeout=10).text
-    assert 'sam_training_runs_total{outcome="accepted"} 1.0' in metrics
+    assert 'sam_training_runs_total{cause="better",outcome="accepted"} 1.0' in metrics
