@@ -504,3 +504,43 @@ def test_train_and_versions_commands(tmp_path, cells, capsys):
     # Written under the versions directory (the test's own): the decoder only, a few MB, not the encoder.
     written = Path(os.environ["SAM_VERSIONS_DIR"]) / "demo" / f"project-{PROJECT}" / "v1" / "decoder.npz"
     assert 0 < written.stat().st_size < 5_000_000
+
+
+def test_a_restart_interrupts_the_training_process_and_nothing_is_written(tmp_path, cells):
+    """SIGTERM (a deploy, a restart) stops ``sam-backend train`` between steps: exit 130, no version, no lock."""
+    import signal
+    import subprocess
+    import sys
+
+    fake = cells(10)
+    env = dict(os.environ, LABEL_STUDIO_URL=fake.url, LABEL_STUDIO_API_KEY=fake.token, SAM_TRAIN_STEPS="100000",
+               SAM_TRAIN_MAX_SECONDS="600", LOG_LEVEL="INFO")
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        child = subprocess.Popen([sys.executable, "-m", "sam_backend", "train", "--project", str(PROJECT),
+                                  "--preset", "demo"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "Loaded demo" not in log.read_text() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(15)  # the images encoded, and well into the 100000 steps
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(60) == 130, log.read_text()[-2000:]
+    store = VersionStore(os.environ["SAM_VERSIONS_DIR"], "demo", "x")
+    assert not store.versions(PROJECT) and not store.is_training(PROJECT)
+    assert "training interrupted; nothing was written" in log.read_text()
+
+
+def test_a_training_process_that_fails_is_counted_and_changes_nothing(tmp_path, monkeypatch):
+    from sam_backend.labelstudio.media import Credentials
+    from sam_backend.server.backend import SamBackend
+    from sam_backend.server.training import TrainingService
+
+    # A preset the child cannot load: it fails at once, and says why.
+    backend = SamBackend(preset=str(tmp_path / "no-such-preset"), credentials=Credentials("http://127.0.0.1:9", "t"))
+    service = TrainingService(backend)
+    assert service.start(12, "Start Training")["status"] == "started"
+    assert service.wait_idle(120)
+    assert backend.decoders.store.last_outcome(12)["status"] == "failed"
+    text = b"".join(line.encode() for m in service.runs.collect() for s in m.samples
+                    if s.value for line in [f"{s.labels}"])
+    assert b"'outcome': 'failed'" in text and backend.decoders.store.current(12) is None
