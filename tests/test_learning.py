@@ -420,6 +420,12 @@ def test_annotation_events_are_debounced_and_start_training_starts_at_once(monke
     assert service.handle({"action": "START_TRAINING", "project": {"id": 12}})["status"] == "started"
     assert started[-1] == (12, "Start Training")
     assert service.handle({"action": "TASKS_CREATED", "project": {"id": 12}})["status"] == "ignored"
+    # A versions directory that cannot be written: the event is answered, and the reason logged and counted.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the directory should be")
+    service.versions.root = blocked
+    answer = service.handle(event)
+    assert answer["status"] == "not started" and "versions directory" in answer["message"]
 
 
 def test_training_is_not_started_without_credentials_or_twice(tmp_path):

@@ -167,7 +167,11 @@ class ProjectTrainer:
         current = self.versions.current(project)
         start = engine.with_decoder(self.versions.load_weights(current)) if current else engine
         before = evaluate(start, judge)
-        tuned, report = DecoderTuner(start, self.settings).fit(learn, should_stop)
+        try:
+            tuned, report = DecoderTuner(start, self.settings).fit(learn, should_stop)
+        except ValueError as exc:  # every training object too small to see at the decoder's resolution
+            outcome.reason = f"nothing to learn from: {exc}"
+            return outcome
         after = evaluate(tuned, judge)
         accepted = after.mean > before.mean
         reason = _gate_words(before, after, len(judge), current, accepted)

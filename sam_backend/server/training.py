@@ -117,7 +117,20 @@ class TrainingService:
             yield from metric.collect()
 
     def handle(self, body: dict) -> dict:
-        """Answer a ``/webhook`` body at once; a training, when due, starts in the background."""
+        """Answer a ``/webhook`` body at once; a training, when due, starts in the background.
+
+        Never raises for an event: Label Studio only logs a webhook's error,
+        so a versions directory that cannot be written is logged here and
+        counted (``sam_training_not_started{reason="versions_dir"}``).
+        """
+        try:
+            return self._handle(body)
+        except OSError as exc:
+            self.refused.labels("versions_dir").inc()
+            logger.error("Webhook %s: the versions directory cannot be used: %s", body.get("action"), exc)
+            return {"status": "not started", "message": f"the versions directory cannot be used: {exc}"}
+
+    def _handle(self, body: dict) -> dict:
         action = body.get("action")
         project = event_project(body)
         if action == "START_TRAINING":
