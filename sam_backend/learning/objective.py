@@ -98,7 +98,7 @@ class SamObjective:
             union = (pred | truth).flatten(-2).sum(-1).float()
             real_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
         best = per_mask.argmin(1)
-        rows = torch.arange(len(best))
+        rows = torch.arange(len(best), device=best.device)
         mask_loss = per_mask[rows, best].mean()
         iou_loss = F.mse_loss(iou_pred, real_iou)
         picked = iou_pred.detach().argmax(1)

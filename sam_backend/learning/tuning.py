@@ -192,6 +192,7 @@ class DecoderTuner:
         features, owners, targets = self._targets(images)
         if not len(owners):
             raise ValueError("no annotated object to train on")
+        targets = targets.to(features.device)  # the embeddings' device: a GPU where the model runs on one
         tuned = self.engine.with_decoder()
         params = tuned.decoder_parameters()
         decay = [p for p in params if p.ndim >= 2]
@@ -257,7 +258,7 @@ class DecoderTuner:
         """One step's loss: a first prompt (a click, or a box when ``box``), then the corrective rounds."""
         low = targets.shape[-1]
         scale = tuned.input_size / low  # low-resolution pixels to model-frame pixels
-        truths = (targets > 0.5).numpy()
+        truths = (targets > 0.5).cpu().numpy()
         count = len(truths)
         if box:
             boxes = np.stack([jittered_box(rng, t, low) for t in truths])[:, None] * scale
@@ -270,7 +271,7 @@ class DecoderTuner:
         step = self.objective(logits, iou_pred, targets, multimask=not box)
         total = step.loss
         for _ in range(self.settings.rounds):
-            extra, extra_labels = corrective_points(rng, (step.logits > 0).numpy(), truths)
+            extra, extra_labels = corrective_points(rng, (step.logits > 0).cpu().numpy(), truths)
             points = np.concatenate([points, extra * scale], 1)
             labels = np.concatenate([labels, extra_labels], 1)
             logits, iou_pred = tuned.decode_tensors(features, points, labels, boxes, step.logits)
