@@ -242,16 +242,36 @@ def test_every_worker_moves_to_a_new_version_and_keeps_the_last_good_one(tmp_pat
     decoders = ProjectDecoders(store, recheck_seconds=0.0)
     assert decoders.engine_for(engine, "3.1700000000") == (engine, None)
     store.save(3, weights_of(engine, 1.5), accepted=True, reason="better")
-    served, name = decoders.engine_for(engine, "3.1700000000")
-    assert name.endswith("+p3.v1") and served is not engine
+    # A project the worker serves already: the new version loads in the background, the old decoder answers meanwhile.
+    assert decoders.engine_for(engine, "3.1700000000") == (engine, None)
+    assert decoders.version_for(3).endswith("+p3.v1")
+    served, name = wait_for_version(decoders, engine, 3, "+p3.v1")
     embedding = engine.encode(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
     mine = served.decode(embedding, points=[[30, 20]], labels=[1]).low_res_logits
     assert not np.allclose(mine, engine.decode(embedding, points=[[30, 20]], labels=[1]).low_res_logits)
     assert decoders.engine_for(engine, 4) == (engine, None)  # other projects keep the preset
     # A new version that cannot be read (another preset's weights): the previous one stays in use.
     store.save(3, weights_of(engine)[:-1], accepted=True, reason="broken")
+    deadline = time.monotonic() + 30
+    while not decoders.failures and time.monotonic() < deadline:
+        assert decoders.engine_for(engine, 3) == (served, name)
+        time.sleep(0.05)
     assert decoders.engine_for(engine, 3) == (served, name) and decoders.version_for(3) == name
     assert "do not fit" in next(iter(decoders.failures.values()))  # and on /health, as unusable_versions
+    # A worker that starts (a restart) loads the project's version at its first request.
+    fresh = ProjectDecoders(store, recheck_seconds=0.0)
+    store.pin(3, 1)
+    assert fresh.engine_for(engine, 3)[1] == name
+
+
+def wait_for_version(decoders, engine, project, suffix: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        served, name = decoders.engine_for(engine, project)
+        if name and name.endswith(suffix):
+            return served, name
+        time.sleep(0.05)
+    raise AssertionError(f"project {project} never moved to {suffix}")
 
 
 # ------------------------------------------------------------------ training a project
@@ -460,6 +480,16 @@ def test_start_training_through_the_webhook_trains_in_a_child_and_predictions_ca
     app = create_app(backend)
     backend.holder.wait(120)
     client = app.test_client()
+    task = fake.tasks[PROJECT][0]
+    body = {"tasks": [{"id": task["id"], "data": {"image": fake.url + task["data"]["image"]}}],
+            "project": f"{PROJECT}.1700000000", "label_config": LABEL_CONFIG,
+            "params": {"context": {"result": [{"type": "keypointlabels", "from_name": "keypoint",
+                                               "to_name": "image", "original_width": 100,
+                                               "original_height": 100, "is_positive": True,
+                                               "value": {"x": 50, "y": 50, "width": 1,
+                                                         "keypointlabels": ["Cat"]}}]}}}
+    before = client.post("/predict", json=body).get_json()["results"][0]
+    assert before["model_version"] == backend.model_version  # the preset's, before any training
     started = time.monotonic()
     answer = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}})
     assert answer.status_code == 201 and answer.get_json()["status"] == "started"
@@ -470,18 +500,10 @@ def test_start_training_through_the_webhook_trains_in_a_child_and_predictions_ca
     assert training.wait_idle(300)
     outcome = backend.decoders.store.last_outcome(PROJECT)
     assert outcome["status"] == "accepted", outcome
-    time.sleep(1.1)  # a worker looks at the project's current version at most every second
+    # The worker that watched the training loaded the version: its very next answers carry it.
     setup = client.post("/setup", json={"project": f"{PROJECT}.1700000000", "schema": LABEL_CONFIG})
     version = setup.get_json()["model_version"]
     assert version.startswith("demo@sam-backend-") and version.endswith(f"+p{PROJECT}.v1")
-    task = fake.tasks[PROJECT][0]
-    body = {"tasks": [{"id": task["id"], "data": {"image": fake.url + task["data"]["image"]}}],
-            "project": f"{PROJECT}.1700000000", "label_config": LABEL_CONFIG,
-            "params": {"context": {"result": [{"type": "keypointlabels", "from_name": "keypoint",
-                                               "to_name": "image", "original_width": 100,
-                                               "original_height": 100, "is_positive": True,
-                                               "value": {"x": 50, "y": 50, "width": 1,
-                                                         "keypointlabels": ["Cat"]}}]}}}
     prediction = client.post("/predict", json=body).get_json()["results"][0]
     assert prediction["model_version"] == version
     metrics = client.get("/metrics").get_data(as_text=True)

@@ -47,6 +47,8 @@ class ProjectDecoders:
         self._fixed: dict[int, tuple[str, list[np.ndarray]]] = {}
         self._failed: set[str] = set()
         self._last_good: dict[int, str] = {}
+        self._served: set[int] = set()  # projects this worker has answered (a new version loads in the background)
+        self._loading: set[str] = set()
         #: Versions that failed to load, with why (for /health and the log).
         self.failures: dict[str, str] = {}
 
@@ -82,7 +84,11 @@ class ProjectDecoders:
         """``(engine, version name)`` for ``project``: its current version's decoder, or ``(engine, None)``.
 
         When the current version cannot be loaded, the version the project
-        used before it (or the preset's decoder) answers.
+        used before it (or the preset's decoder) answers. A new version of a
+        project this worker already serves is loaded in the background (a
+        few hundred milliseconds): until it is ready the decoder before it
+        answers, so no click pays for the switch. On a project's first
+        request the version is loaded there and then.
         """
         project = _project_number(project)
         if project is None or (self.store is None and project not in self._fixed):
@@ -92,14 +98,60 @@ class ProjectDecoders:
             loader = lambda: weights  # noqa: E731
         else:
             chosen = self._current(project)
+            served = project in self._served
+            self._served.add(project)
             if chosen is None:
                 return engine, None
             name, info = chosen
             loader = lambda: self.store.load_weights(info)  # noqa: E731
+            with self._lock:
+                ready = name in self._loaded
+            if served and not ready:
+                self._load_in_background(engine, name, loader)
+                return self._previous(engine, project)
         variant = self._variant(engine, name, loader)
         if variant is not None:
             self._last_good[project] = name
             return variant, name
+        return self._previous(engine, project)
+
+    def preload(self, engine: SamEngine, project) -> str | None:
+        """Load ``project``'s current version now (a training this worker watched was just accepted); its name.
+
+        The project's next prediction in this worker carries it; other
+        workers move at their next request, loading it in the background.
+        """
+        project = _project_number(project)
+        if project is None or self.store is None:
+            return None
+        with self._lock:
+            self._checked.pop(project, None)  # look at current.json now, not at the next recheck
+        chosen = self._current(project)
+        if chosen is None:
+            return None
+        name, info = chosen
+        if self._variant(engine, name, lambda: self.store.load_weights(info)) is None:
+            return None
+        self._last_good[project] = name
+        return name
+
+    def _load_in_background(self, engine: SamEngine, name: str, loader) -> None:
+        with self._lock:
+            if name in self._loading or name in self._failed:
+                return
+            self._loading.add(name)
+
+        def load():
+            try:
+                self._variant(engine, name, loader)
+            finally:
+                with self._lock:
+                    self._loading.discard(name)
+
+        threading.Thread(target=load, name="sam-decoder-load", daemon=True).start()
+
+    def _previous(self, engine: SamEngine, project: int) -> tuple[SamEngine, str | None]:
+        """The decoder that answered ``project`` last (or the preset's), while its current version is not usable."""
         previous = self._last_good.get(project)
         with self._lock:
             fallback = self._loaded.get(previous) if previous else None
@@ -147,6 +199,7 @@ class ProjectDecoders:
                 return None
         try:
             variant = engine.with_decoder(weights())
+            variant.prepare_decoder()
         except (VersionError, ValueError, OSError) as exc:
             logger.error("Version %s cannot be used (%s); the previous decoder stays in use", name, exc)
             with self._lock:

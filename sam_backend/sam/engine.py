@@ -567,6 +567,10 @@ class SamEngine:
         variant._click_decoder_lock = threading.Lock()
         return variant
 
+    def prepare_decoder(self) -> None:
+        """Build and check the torch click decoder now, rather than at the first decode (a click)."""
+        self._get_click_decoder()
+
     def decoder_parameters(self) -> list:
         """The torch parameters of the prompt encoder and mask decoder that training updates."""
         return [v.value for v in self._decoder_variables() if v.trainable]

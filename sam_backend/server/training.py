@@ -102,8 +102,8 @@ class TrainingService:
                             ["outcome", "cause"], registry=None)
         self.refused = Counter("sam_training_not_started", "Trainings asked for but not started, by reason",
                                ["reason"], registry=None)
-        self.running = Gauge("sam_training_running", "Trainings this worker has started that are running",
-                             registry=None)
+        self.running = Gauge("sam_training_running", "Trainings started by the workers that are running",
+                             registry=None, multiprocess_mode="livesum")
         self._children: dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
 
@@ -200,6 +200,12 @@ class TrainingService:
         else:
             reason, cause = outcome.get("reason"), outcome.get("cause", "error")
         self.runs.labels(status, cause).inc()
+        engine = self.backend.holder.loaded_engine
+        if status == "accepted" and engine is not None:
+            try:
+                self.backend.decoders.preload(engine, project)  # this worker's next prediction carries it
+            except Exception:  # the next request loads it instead
+                logger.exception("Project %s: the new version could not be loaded ahead of its next request", project)
         if status == "failed":
             logger.error("Project %s: training failed: %s; the current version stays in use", project, reason)
         else:
