@@ -386,6 +386,17 @@ def test_a_full_disk_fails_the_training_and_the_current_version_stays(tmp_path, 
     assert not list(store.project_dir(PROJECT).glob(".v*"))
 
 
+def test_too_few_left_to_learn_from_after_the_held_out_share_is_skipped(tmp_path, cells, monkeypatch):
+    from sam_backend.learning import project as project_module
+
+    fake = cells(10)
+    trainer, store = trainer_for(fake, "demo", tmp_path, steps=5)
+    # Chance can put more than the share on the held-out side (about 0.3 % of projects of 10 to 15 tasks).
+    monkeypatch.setattr(project_module, "held_out", lambda ids, project: set(sorted(ids)[:7]))
+    outcome = trainer.run()
+    assert outcome.status == "skipped" and "3 left to learn from" in outcome.reason and not store.versions(PROJECT)
+
+
 def test_an_interrupted_training_writes_nothing(tmp_path, cells):
     from sam_backend.learning.tuning import Interrupted
 

@@ -163,6 +163,10 @@ class ProjectTrainer:
         chosen = held_out([i.task_id for i in images], project)
         judge = [i for i in images if i.task_id in chosen]
         learn = [i for i in images if i.task_id not in chosen]
+        if len(learn) < MIN_TRAINING:  # chance put more than the share on the held-out side
+            outcome.reason = (f"{len(judge)} of {len(images)} annotated task(s) are held out, {len(learn)} left to "
+                              f"learn from; training needs {MIN_TRAINING}")
+            return outcome
         engine = self.tiers.engine
         current = self.versions.current(project)
         start = engine.with_decoder(self.versions.load_weights(current)) if current else engine
