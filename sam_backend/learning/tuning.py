@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,6 +24,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from sam_backend.env import env_number
 from sam_backend.learning.objective import SamObjective
 from sam_backend.learning.prompts import corrective_points, jittered_box, sample_in
 from sam_backend.sam.engine import Embedding, SamEngine
@@ -71,14 +71,6 @@ class Scores:
                 "objects": self.objects}
 
 
-def _env_number(name: str, default, kind=float):
-    value = os.environ.get(name, "").strip()
-    try:
-        return kind(value) if value else default
-    except ValueError:
-        raise ValueError(f"{name} must be a number; got {value!r}") from None
-
-
 @dataclass
 class TuneSettings:
     """How a version is trained.
@@ -109,17 +101,13 @@ class TuneSettings:
     @classmethod
     def from_env(cls) -> "TuneSettings":
         """The defaults, overridden by ``SAM_TRAIN_STEPS``, ``SAM_TRAIN_BATCH``, ``SAM_TRAIN_LR``,
-        ``SAM_TRAIN_ROUNDS``, ``SAM_TRAIN_MAX_SECONDS``.
-
-        Raises:
-            ValueError: a setting that is not a number.
-        """
+        ``SAM_TRAIN_ROUNDS``, ``SAM_TRAIN_MAX_SECONDS`` (a malformed one is logged and its default used)."""
         return cls(
-            steps=_env_number("SAM_TRAIN_STEPS", cls.steps, int),
-            batch=_env_number("SAM_TRAIN_BATCH", cls.batch, int),
-            learning_rate=_env_number("SAM_TRAIN_LR", cls.learning_rate),
-            rounds=_env_number("SAM_TRAIN_ROUNDS", cls.rounds, int),
-            max_seconds=_env_number("SAM_TRAIN_MAX_SECONDS", cls.max_seconds),
+            steps=max(1, int(env_number("SAM_TRAIN_STEPS", cls.steps))),
+            batch=max(1, int(env_number("SAM_TRAIN_BATCH", cls.batch))),
+            learning_rate=env_number("SAM_TRAIN_LR", cls.learning_rate),
+            rounds=max(0, int(env_number("SAM_TRAIN_ROUNDS", cls.rounds))),
+            max_seconds=env_number("SAM_TRAIN_MAX_SECONDS", cls.max_seconds),
         )
 
 
