@@ -116,7 +116,9 @@ class ProjectDecoders:
         return self._previous(engine, project)
 
     def preload(self, engine: SamEngine, project) -> str | None:
-        """Load ``project``'s current version now (a training this worker watched was just accepted); its name.
+        """Load ``project``'s current version now (a training this worker watched was just accepted).
+
+        Returns the name of the version that answers the project now (None: the preset's decoder).
 
         The project's next prediction in this worker carries it; other
         workers move at their next request, loading it in the background.
@@ -126,14 +128,8 @@ class ProjectDecoders:
             return None
         with self._lock:
             self._checked.pop(project, None)  # look at current.json now, not at the next recheck
-        chosen = self._current(project)
-        if chosen is None:
-            return None
-        name, info = chosen
-        if self._variant(engine, name, lambda: self.store.load_weights(info)) is None:
-            return None
-        self._last_good[project] = name
-        return name
+        self._served.discard(project)  # as at a first request: loaded now, not in the background
+        return self.engine_for(engine, project)[1]
 
     def _load_in_background(self, engine: SamEngine, name: str, loader) -> None:
         with self._lock:

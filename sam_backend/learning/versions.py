@@ -244,10 +244,7 @@ class VersionStore:
         return info
 
     def _point(self, project: int, number: int, pinned: bool) -> None:
-        path = self.project_dir(project) / "current.json"
-        temporary = path.with_name(f".current.json.tmp-{os.getpid()}")
-        _write_synced(temporary, json.dumps({"version": number, "pinned": pinned}).encode())
-        os.replace(temporary, path)
+        _replace_whole(self.project_dir(project) / "current.json", json.dumps({"version": number, "pinned": pinned}))
 
     def discard_partial(self, project: int) -> int:
         """Remove what an interrupted training left half-written (under :meth:`training_lock`); how many."""
@@ -299,20 +296,15 @@ class VersionStore:
                 except (OSError, ValueError, AttributeError):
                     count = 0
                 count = 0 if reset else count + add
-                temporary = path.with_name(f".pending.json.tmp-{os.getpid()}")
-                temporary.write_text(json.dumps({"annotations": count}))
-                os.replace(temporary, path)
+                _replace_whole(path, json.dumps({"annotations": count}))
                 return count
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def record_outcome(self, project: int, outcome: dict) -> None:
         """The last training's outcome (``last_training.json``), for the server that started it."""
-        path = self.project_dir(project) / "last_training.json"
         try:
-            temporary = path.with_name(f".last_training.json.tmp-{os.getpid()}")
-            temporary.write_text(json.dumps(outcome))
-            os.replace(temporary, path)
+            _replace_whole(self.project_dir(project) / "last_training.json", json.dumps(outcome))
         except OSError as exc:
             logger.warning("Project %s: the training outcome could not be written: %s", project, exc)
 
@@ -329,6 +321,13 @@ def _npz_bytes(weights: list[np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **{f"w{i:04d}": np.asarray(w) for i, w in enumerate(weights)})
     return buffer.getvalue()
+
+
+def _replace_whole(path: Path, text: str) -> None:
+    """Write ``path`` under a temporary name, then rename it into place: readers see the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_synced(temporary, text.encode())
+    os.replace(temporary, path)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
