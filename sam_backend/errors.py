@@ -60,3 +60,7 @@ class ModelNotReadyError(SamBackendError):
 
 class StoreError(SamBackendError):
     """The embedding store cannot be used (not writable, unreachable, misconfigured)."""
+
+
+class NotConfiguredError(SamBackendError):
+    """The request needs something this server was not started with (e.g. a SAM 3 concept preset)."""

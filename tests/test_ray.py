@@ -230,3 +230,26 @@ def test_every_ray_actor_uses_the_projects_trained_version(ray_instance, labelst
     assert preannotate(labelstudio, tiny_preset_dir, tmp_path / "ray", "--ray", "--ray-actors", "2") == 0
     assert by_task(ours(labelstudio)) == single  # the trained decoder's masks and scores, from every actor
     capsys.readouterr()
+
+
+def test_preannotate_concepts_on_ray_gives_the_single_machine_predictions(ray_instance, labelstudio, tiny_preset_dir,
+                                                                         tmp_path, capsys):
+    """SAM 3 in the actors: the same instances, labels and scores as in this process; and no SAM 1 load there."""
+    from sam_backend.sam3.tiny import write_tiny_concept_preset
+
+    concept_preset = str(write_tiny_concept_preset(tmp_path / "sam3"))
+    concepts = ("--mode", "concepts", "--concept-preset", concept_preset, "--concept", "Cat=cat")
+    assert preannotate(labelstudio, tiny_preset_dir, tmp_path / "single", *concepts) == 1
+    single = capsys.readouterr().out
+    expected = by_task([p for p in labelstudio.predictions(PROJECT) if "sam3" in str(p.get("model_version"))])
+    assert len(expected) == IMAGES + 1 and all(p["result"] for p in expected.values())
+    assert {r["value"]["brushlabels"][0] for p in expected.values() for r in p["result"]} == {"Dog", "Cat"}
+
+    for task in labelstudio.tasks[PROJECT]:
+        task["predictions"] = [p for p in task["predictions"] if "sam3" not in str(p.get("model_version"))]
+    assert preannotate(labelstudio, tiny_preset_dir, tmp_path / "ray", *concepts, "--ray", "--ray-actors", "2") == 1
+    out = capsys.readouterr().out
+    assert by_task([p for p in labelstudio.predictions(PROJECT) if "sam3" in str(p.get("model_version"))]) == expected
+    assert out.splitlines()[1:] == single.splitlines()[1:]
+    # The actors stored SAM 3's vision features (one entry per distinct image).
+    assert DiskStore(tmp_path / "ray", 1 << 30).stats().entries == IMAGES

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the ML backend with gunicorn")
     serve.add_argument("--preset", default=None, help="keras-hub SAM preset: sam_base_sa1b, kaggle://..., hf://..., "
                        "a local directory, or the name of a preset shipped in sam_backend/presets (default: SAM_PRESET, else sam_base_sa1b)")
+    serve.add_argument("--concept-preset", default=None,
+                       help="SAM 3 preset for concept prompts (a phrase or an exemplar box finds every instance): "
+                       "sam3_pcs, kaggle://..., hf://..., or a local directory (default SAM_CONCEPT_PRESET, else none); "
+                       "needs pip install 'sam-backend[concepts]'")
     serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="address to bind (default 0.0.0.0)")
     serve.add_argument("--port", type=int, default=_env_int("PORT", 9090), help="port (default 9090)")
     serve.add_argument("--workers", type=int, default=_env_int("WORKERS", 1),
@@ -113,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING...")
     serve.add_argument("--cache-dir", default=None, help="embedding store shared by the workers and kept across "
                        "restarts (default SAM_CACHE_DIR, else $MODEL_DIR/sam-backend-embeddings, else the temp dir)")
+
+    tiny = commands.add_parser("tiny-preset", help="write a small random-weight preset to try and test offline")
+    tiny.add_argument("model", choices=("sam3",), help="sam3: SAM 3 for concept prompts, with its tokenizer")
+    tiny.add_argument("directory", help="where to write it (created)")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    tiny.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING...")
 
     check = commands.add_parser("healthcheck", help="exit 0 when the local server answers /health (for Docker)")
     check.add_argument("--url", default=None, help="default http://127.0.0.1:$PORT")
@@ -150,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--project", type=int, required=True, help="project id")
     pre.add_argument("--preset", default=None, help="SAM preset (default SAM_PRESET, else sam_base_sa1b); "
                      "the model version of the predictions follows it")
-    pre.add_argument("--mode", default=None, choices=("boxes", "auto", "boxes-then-auto"),
+    pre.add_argument("--concept-preset", default=None,
+                     help="SAM 3 preset of --mode concepts (default SAM_CONCEPT_PRESET); its model version names the predictions")
+    pre.add_argument("--concept", action="append", default=None, metavar="LABEL=PHRASE",
+                     help="--mode concepts: the phrase searched for LABEL (repeatable; default the label's hint, "
+                     "alias or name)")
+    pre.add_argument("--mode", default=None, choices=("boxes", "auto", "boxes-then-auto", "concepts"),
                      help="where prompts come from (default SAM_PRELABEL, else boxes)")
     pre.add_argument("--output", default=None, choices=("brush", "polygon", "both"),
                      help="what masks become when the label config has both a brush and polygons "
@@ -177,6 +192,7 @@ def preannotate_command(args: argparse.Namespace) -> int:
     from sam_backend.labelstudio.api import LabelStudioProject
     from sam_backend.labelstudio.media import Credentials
     from sam_backend.commands.preannotate import Preannotator
+    from sam_backend.labelstudio.concepts import parse_concept_mapping
     from sam_backend.server.prelabel import PrelabelSettings
 
     if _ray_missing(args):
@@ -184,21 +200,28 @@ def preannotate_command(args: argparse.Namespace) -> int:
     if args.cache_dir:
         os.environ["SAM_CACHE_DIR"] = args.cache_dir  # read by the model's store, here or in the Ray actors
     try:
-        asked = {"prelabel": args.mode, "output": args.output}
+        asked = {"prelabel": args.mode, "output": args.output,
+                 "concept_phrases": parse_concept_mapping(args.concept) if args.concept else None}
         settings = PrelabelSettings.from_sources(os.environ, {k: v for k, v in asked.items() if v})
         if settings.mode == "off":  # SAM_PRELABEL=off is for the server; a run asked for means boxes
             settings = dataclasses.replace(settings, mode="boxes")
+        concepts = settings.mode == "concepts"
         project = LabelStudioProject(args.url, args.api_key, args.project)
-        if args.ray is not None:
-            # The model loads in each Ray actor; here the backend only names the model version.
-            backend = SamBackend(preset=args.preset or default_preset(), credentials=Credentials(args.url, args.api_key))
-        else:
-            holder = ModelHolder(args.preset or default_preset()).start()
+        credentials = Credentials(args.url, args.api_key)
+        backend = SamBackend(preset=args.preset or default_preset(), credentials=credentials,
+                             concept_preset=args.concept_preset if concepts else None)
+        if concepts and args.ray is None and backend.concepts is not None:
+            backend.concepts.start().wait()
+        if concepts and (args.ray is None or backend.concepts is None):
+            backend.concept_tiers()  # no preset, or a load error, ends the run here (on Ray the actors load it)
+        elif args.ray is None:  # on Ray the model loads in each actor; here the backend only names the version
+            holder = ModelHolder(backend.preset).start()
             holder.wait()
             holder.engine()  # the load error, if any, ends the run here
-            backend = SamBackend(holder=holder, credentials=Credentials(args.url, args.api_key))
+            backend = SamBackend(holder=holder, credentials=credentials)
         where = f", on Ray ({args.ray}, {args.ray_actors} actor(s))" if args.ray is not None else ""
-        sys.stderr.write(f"Pre-annotating project {args.project} at {args.url} with {backend.model_version} "
+        version = backend.concept_model_version if concepts else backend.model_version
+        sys.stderr.write(f"Pre-annotating project {args.project} at {args.url} with {version} "
                          f"(mode {settings.mode}{', dry run' if args.dry_run else ''}{where})\n")
         summary = Preannotator(backend, project, settings, executor=_ray_executor(args, batch_size=args.batch_size),
                                view=args.view, limit=args.limit, overwrite=args.overwrite, dry_run=args.dry_run,
@@ -304,6 +327,8 @@ def serve(args: argparse.Namespace) -> None:
 
     if args.preset:
         os.environ["SAM_PRESET"] = args.preset  # read by each worker's app factory
+    if args.concept_preset:
+        os.environ["SAM_CONCEPT_PRESET"] = args.concept_preset
     if args.cache_dir:
         os.environ["SAM_CACHE_DIR"] = args.cache_dir  # read by each worker's model loader
     os.environ["LOG_LEVEL"] = args.log_level  # read by each worker's logging set-up
@@ -352,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         log_allocator(ensure_allocator() if argv is None else None)
     if args.command == "healthcheck":
         return healthcheck(args)
+    if args.command == "tiny-preset":
+        from sam_backend.sam3.tiny import write_tiny_concept_preset
+
+        sys.stdout.write(f"{write_tiny_concept_preset(args.directory, seed=args.seed)}\n")
+        return 0
     if args.command == "preannotate":
         return preannotate_command(args)
     if args.command == "cache":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from sam_backend.commands.runner import InProcessExecutor, Item, Job, PrefetchedMedia, ProjectRunner, WorkerFailed
 from sam_backend.errors import SamBackendError
 from sam_backend.labelstudio.api import LabelStudioProject, RunSummary
+from sam_backend.labelstudio.concepts import label_phrases
 from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config
 from sam_backend.labelstudio.media import Credentials
 from sam_backend.learning.serving import ProjectDecoders
@@ -83,6 +84,8 @@ class PrelabelJob(Job):
         # One decoder version for the whole run, here and in every Ray actor, whatever a training does meanwhile.
         self.decoder = backend.decoders.current_weights(project.project)
         self.version = self.decoder[0] if self.decoder else backend.model_version
+        if settings.mode == "concepts":  # SAM 3's predictions: its own model version, no trained decoder
+            self.decoder, self.version = None, backend.concept_model_version
         self._uploads: list[dict] = []
         self._replaced: list = []
 
@@ -90,6 +93,8 @@ class PrelabelJob(Job):
         self.label_config = project.label_config()
         self.config = parse_label_config(self.label_config)
         self.settings.output.kinds(self.config)  # an output the config cannot take stops the run here, not per task
+        if self.settings.mode == "concepts":
+            label_phrases(self.config, dict(self.settings.concepts))  # so does a label without a phrase
 
     def select(self, task: dict) -> Item | None:
         if our_predictions(task, self.version) and not self.overwrite:
@@ -107,13 +112,15 @@ class PrelabelJob(Job):
 
         # The loaded model, with the runner's prefetched images for media.
         backend = SamBackend(holder=self.backend.holder, fetcher=media, credentials=self.backend.credentials,
-                             decoders=ProjectDecoders.fixed(self.project.project, self.decoder))
+                             decoders=ProjectDecoders.fixed(self.project.project, self.decoder),
+                             concepts=self.backend.concepts)
         return PrelabelWorker(backend, self.config, self.settings, self.project.project)
 
     def remote_worker(self):
         return PrelabelWorker.load, {"preset": self.backend.preset, "credentials": self.backend.credentials,
                                      "project": self.project.project, "label_config": self.label_config,
-                                     "settings": self.settings, "log_level": self.log_level, "decoder": self.decoder}
+                                     "settings": self.settings, "log_level": self.log_level, "decoder": self.decoder,
+                                     "concept_preset": self.backend.concept_preset}
 
     def record(self, item: Item, result: dict) -> None:
         if result["error"] is not None:
@@ -151,8 +158,11 @@ class PrelabelWorker:
 
     @classmethod
     def load(cls, media: PrefetchedMedia, preset: str, credentials: Credentials, project, label_config: str,
-             settings: PrelabelSettings, log_level: str = "WARNING", decoder=None) -> "PrelabelWorker":
+             settings: PrelabelSettings, log_level: str = "WARNING", decoder=None,
+             concept_preset: str | None = None) -> "PrelabelWorker":
         """A worker with its own model (a Ray actor), loaded as the server loads it, with the run's decoder version.
+
+        In mode ``concepts`` it loads SAM 3 (``concept_preset``) only.
 
         Raises:
             WorkerFailed: the model cannot be loaded.
@@ -160,18 +170,22 @@ class PrelabelWorker:
         from sam_backend.server.backend import ModelHolder, SamBackend
 
         configure_logging(log_level)
-        holder = ModelHolder(preset).start()
-        holder.wait()
+        concepts = settings.mode == "concepts"
+        holder = ModelHolder(preset)
+        backend = SamBackend(holder=holder, fetcher=media, credentials=credentials,
+                             decoders=ProjectDecoders.fixed(project, decoder),
+                             concept_preset=concept_preset if concepts else None)
+        loading = backend.concepts if concepts and backend.concepts is not None else holder
+        loading.start().wait()
         try:
-            holder.engine()
+            backend.concept_tiers() if concepts else holder.engine()
         except SamBackendError as exc:
             raise WorkerFailed(str(exc)) from exc
-        backend = SamBackend(holder=holder, fetcher=media, credentials=credentials,
-                             decoders=ProjectDecoders.fixed(project, decoder))
         return cls(backend, parse_label_config(label_config), settings, project)
 
     def start_batch(self, items: list[Item]) -> None:
-        encode_together(self.backend, [item.task for item in items], self.config, self.project)
+        encode_together(self.backend, [item.task for item in items], self.config, self.project,
+                        concepts=self.settings.mode == "concepts")
 
     def __call__(self, item: Item) -> dict:
         prediction, reason = predict_or_reason(self.backend, item.task, self.config, self.settings, self.project)
@@ -241,13 +255,13 @@ def predict_or_reason(backend, task: dict, config, settings: PrelabelSettings, p
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def encode_together(backend, tasks: list[dict], config, project) -> None:
-    """On a GPU, encode a batch's images in one call (each is then a memory-cache hit)."""
-    engine = backend.holder.engine()
+def encode_together(backend, tasks: list[dict], config, project, concepts: bool = False) -> None:
+    """On a GPU, encode a batch's images in one call (each is then a memory-cache hit); SAM 3's if ``concepts``."""
+    engine = backend.concept_tiers().engine if concepts else backend.holder.engine()
     if len(tasks) < 2 or not engine.device_name.startswith("cuda"):
         return
     try:
-        backend.encode_tasks(tasks, config, project)
+        backend.encode_tasks(tasks, config, project, concepts=concepts)
     except SamBackendError as exc:
         logger.info("Batch encoding skipped (%s); images are encoded one by one", exc)
 

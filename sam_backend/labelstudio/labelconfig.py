@@ -16,6 +16,10 @@ RECTANGLE_TAGS = ("RectangleLabels", "Rectangle")
 #: The controls a mask can go to (see :mod:`sam_backend.labelstudio.output`).
 BRUSH_TAG = "BrushLabels"
 POLYGON_TAG = "PolygonLabels"
+#: Where an annotator types a concept phrase (SAM 3), as Label Studio's grounding examples do.
+TEXT_PROMPT_TAG = "TextArea"
+#: A rectangle control whose name starts with this draws exemplar boxes (SAM 3: "every object like this one").
+EXEMPLAR_PREFIX = "exemplar"
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,11 @@ class LabelConfig:
         rectangle_names: names of rectangle controls bound to the image.
         polygon_name: ``name`` of the ``<PolygonLabels>`` bound to the image, or None.
         polygon_labels: its label values, in config order (empty without one).
+        text_prompt_names: names of ``<TextArea>`` controls bound to the image (concept phrases).
+        exemplar_names: names of rectangle controls bound to the image whose name starts with
+            ``exemplar`` (exemplar boxes; not in ``rectangle_names``).
+        label_phrases: ``(label, phrase)`` for each label of the mask controls: the label's
+            ``hint`` attribute, else its ``alias``, else its value (SAM 3's default phrases).
 
     Example:
         >>> cfg = parse_label_config(
@@ -54,6 +63,14 @@ class LabelConfig:
     # Last and defaulted, so that brush-only configs are still built positionally.
     polygon_name: str | None = None
     polygon_labels: tuple[str, ...] = ()
+    text_prompt_names: tuple[str, ...] = ()
+    exemplar_names: tuple[str, ...] = ()
+    label_phrases: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def mask_labels(self) -> tuple[str, ...]:
+        """The labels masks can get: the brush's, then the polygon control's new ones."""
+        return self.brush_labels + tuple(label for label in self.polygon_labels if label not in self.brush_labels)
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,15 +105,20 @@ def parse_label_config(xml: str) -> LabelConfig:
         polygon = next((c for c in bound if c.tag == POLYGON_TAG), None)
         if brush is None and polygon is None:
             continue
+        rectangles = [c.name for c in bound if c.tag in RECTANGLE_TAGS]
+        exemplars = tuple(name for name in rectangles if name.lower().startswith(EXEMPLAR_PREFIX))
         return LabelConfig(
             image_name=image.name,
             image_key=(image.value or "").lstrip("$") or image.name,
             brush_name=brush.name if brush is not None else None,
             brush_labels=_labels_of(brush),
             keypoint_names=tuple(c.name for c in bound if c.tag in KEYPOINT_TAGS),
-            rectangle_names=tuple(c.name for c in bound if c.tag in RECTANGLE_TAGS),
+            rectangle_names=tuple(name for name in rectangles if name not in exemplars),
             polygon_name=polygon.name if polygon is not None else None,
             polygon_labels=_labels_of(polygon),
+            text_prompt_names=tuple(c.name for c in bound if c.tag == TEXT_PROMPT_TAG),
+            exemplar_names=exemplars,
+            label_phrases=_label_phrases(brush, polygon),
         )
     names = ", ".join(f'"{i.name}"' for i in images)
     raise LabelConfigError(
@@ -105,6 +127,18 @@ def parse_label_config(xml: str) -> LabelConfig:
         f'<{POLYGON_TAG} name="polygon" toName="{images[0].name}"> (polygons) with your labels '
         "(see label_config.xml and label_config_polygons.xml in sam-backend)."
     )
+
+
+def _label_phrases(*controls) -> tuple[tuple[str, str], ...]:
+    phrases: dict[str, str] = {}
+    for control in controls:
+        if control is None:
+            continue
+        for label, tag in (control.labels_attrs or {}).items():
+            attrs = getattr(tag, "attr", None) or {}
+            phrase = attrs.get("hint") or attrs.get("alias") or attrs.get("value") or label
+            phrases.setdefault(label, " ".join(str(phrase).split()))
+    return tuple(phrases.items())
 
 
 def _labels_of(control) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from sam_backend.errors import (
     MediaTimeoutError,
     MediaTooLargeError,
     ModelNotReadyError,
+    NotConfiguredError,
     SamBackendError,
 )
 from sam_backend.server.metrics import Metrics
@@ -47,6 +48,8 @@ STATUS_BY_ERROR = (
     (MediaTimeoutError, 504),
     (MediaFetchError, 502),
     (ModelNotReadyError, 503),
+    # Asked for what this server was not started with (concept prompts without --concept-preset).
+    (NotConfiguredError, 501),
 )
 RETRY_AFTER_SECONDS = 10
 #: Largest request body, in MB; ``SAM_MAX_REQUEST_MB`` overrides it. Label
@@ -86,6 +89,8 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
     backend = backend or SamBackend(shared=open_shared_state())
     if start_loading:
         backend.holder.start()
+        if backend.concepts is not None:  # SAM 3 loads beside SAM, in the background too
+            backend.concepts.start()
     app = Flask("sam_backend")
     app.json = FastJSONProvider(app)
     app.json.sort_keys = False
@@ -185,6 +190,12 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
         if holder.error:
             body["error"] = holder.error
         body["lookahead"] = backend.lookahead.status()
+        if backend.concepts is not None:
+            concepts = {"preset": backend.concept_preset, "state": backend.concepts.state,
+                        "model_version": backend.concept_model_version}
+            if backend.concepts.error:
+                concepts["error"] = backend.concepts.error
+            body["concepts"] = concepts
         if backend.decoders.failures:  # trained versions this worker could not load (the previous one answers)
             body["unusable_versions"] = dict(backend.decoders.failures)
         return jsonify(body)

@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING
 from sam_backend.env import env_number
 from sam_backend.embeddings.encode_queue import EncodeSkipped, Priority
 from sam_backend.embeddings.fingerprints import image_identity
-from sam_backend.errors import BadRequestError, ImageError, LabelConfigError, ModelNotReadyError, SamBackendError
+from sam_backend.errors import (
+    BadRequestError, ImageError, LabelConfigError, ModelNotReadyError, NotConfiguredError, SamBackendError,
+)
 from sam_backend.labelstudio.api import LabelStudioError, LabelStudioProject
+from sam_backend.labelstudio.concepts import concept_request_from_context, is_concept_context, label_phrases
 from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config
 from sam_backend.labelstudio.media import Credentials, MediaFetcher
 from sam_backend.labelstudio.output import OutputSettings, mask_to_regions
@@ -30,6 +33,7 @@ from sam_backend.sam.images import load_image
 from sam_backend.learning.serving import ProjectDecoders
 from sam_backend.learning.versions import VersionStore, default_versions_dir
 from sam_backend.sam.presets import default_preset, preset_model_version
+from sam_backend.server.concepts import ConceptRegions, concept_settings, instances_to_regions
 from sam_backend.server.jobs import Outcome, PredictionJobs
 from sam_backend.server.lookahead import LookAhead
 from sam_backend.server.prelabel import PrelabelSettings, predict_task_masks
@@ -64,7 +68,8 @@ class ModelHolder:
         store: the embedding store behind the memory cache. Default: with the
             default loader, the store the environment configures
             (:func:`sam_backend.embeddings.settings.open_store`); with a
-            ``loader``, none (memory only).
+            ``loader``, none (memory only) unless ``default_store``.
+        default_store: open the environment's store even with a ``loader``.
 
     Example:
         >>> holder = ModelHolder("sam_base_sa1b").start()  # doctest: +SKIP
@@ -72,10 +77,11 @@ class ModelHolder:
         'ready'
     """
 
-    def __init__(self, preset: str, loader=None, store: EmbeddingStore | None = None):
+    def __init__(self, preset: str, loader=None, store: EmbeddingStore | None = None, default_store: bool = False):
         self.preset = preset
         self._loader = loader
         self._store = store
+        self._default_store = default_store
         self._embeddings: EmbeddingTiers | None = None
         self.state = "loading"
         self.error: str | None = None
@@ -105,6 +111,10 @@ class ModelHolder:
                 store = store if store is not None else open_store()
             else:
                 engine = self._loader(self.preset)
+                if store is None and self._default_store:
+                    from sam_backend.embeddings.settings import open_store
+
+                    store = open_store()
             from sam_backend.embeddings.tiers import EmbeddingTiers
 
             embeddings = EmbeddingTiers(engine, store=store) if engine is not None else None
@@ -186,6 +196,10 @@ class SamBackend:
         decoders: which decoder answers each project
             (:class:`~sam_backend.learning.serving.ProjectDecoders`); default
             the projects' trained versions under ``SAM_VERSIONS_DIR``.
+        concept_preset: the SAM 3 preset of concept prompts (default ``SAM_CONCEPT_PRESET``;
+            none: concept prompts are refused, and nothing of SAM 3 loads).
+        concepts: a :class:`ModelHolder` of a :class:`~sam_backend.sam3.ConceptEngine`
+            (made from ``concept_preset`` if omitted).
 
     Example:
         >>> backend = SamBackend(preset="sam_base_sa1b")  # doctest: +SKIP
@@ -201,8 +215,14 @@ class SamBackend:
         credentials: Credentials | None = None,
         shared: SharedState | None = None,
         decoders: ProjectDecoders | None = None,
+        concept_preset: str | None = None,
+        concepts: ModelHolder | None = None,
     ):
         self.preset = preset or (holder.preset if holder else default_preset())
+        self.concept_preset = concept_preset or (concepts.preset if concepts else None) or \
+            os.environ.get("SAM_CONCEPT_PRESET") or None
+        self.concepts = concepts or (ModelHolder(self.concept_preset, loader=_load_concept_engine, default_store=True)
+                                     if self.concept_preset else None)
         self.holder = holder or ModelHolder(self.preset)
         self.fetcher = fetcher or MediaFetcher()
         self.credentials = credentials if credentials is not None else Credentials.from_env()
@@ -228,6 +248,11 @@ class SamBackend:
     def model_version(self) -> str:
         """The preset's name and the backend's version, e.g. ``sam_base_sa1b@sam-backend-0.1.0``."""
         return preset_model_version(self.preset)
+
+    @property
+    def concept_model_version(self) -> str | None:
+        """The ``model_version`` of concept (SAM 3) predictions, e.g. ``sam3_pcs@sam-backend-0.5.0``."""
+        return preset_model_version(self.concept_preset) if self.concept_preset else None
 
     def version_for(self, project) -> str:
         """The ``model_version`` of ``project``'s predictions: its current trained version, else :attr:`model_version`."""
@@ -303,6 +328,8 @@ class SamBackend:
             raise BadRequestError('params.context must be an object with a "result" list of regions.')
         if not context or not context.get("result"):
             return self._predict_without_context(tasks, config, project)
+        if is_concept_context(context, config):
+            return [self._predict_concepts(task, config, context, project) for task in tasks]
         engine, version = self.engine_for(_request_project(project, tasks))
         answers = [self._predict_task(engine, version, task, config, context, project) for task in tasks]
         if len(tasks) == 1:
@@ -326,12 +353,60 @@ class SamBackend:
             ModelNotReadyError: still loading after the wait (or too many
                 requests waiting already), or failed to load.
         """
-        if self.holder.state == "loading" and self.load_wait > 0 and self._load_waiters.acquire(blocking=False):
+        self._wait_for(self.holder)
+        return self.holder.engine()
+
+    def _wait_for(self, holder: ModelHolder) -> None:
+        if holder.state == "loading" and self.load_wait > 0 and self._load_waiters.acquire(blocking=False):
             try:
-                self.holder.wait(self.load_wait)
+                holder.wait(self.load_wait)
             finally:
                 self._load_waiters.release()
-        return self.holder.engine()
+
+    def concept_tiers(self) -> EmbeddingTiers:
+        """SAM 3's embedding tiers (``.engine`` is the :class:`~sam_backend.sam3.ConceptEngine`).
+
+        Raises:
+            NotConfiguredError: the server has no concept preset.
+            ModelNotReadyError: it is still loading, or failed to.
+        """
+        if self.concepts is None:
+            raise NotConfiguredError(
+                "Concept prompts (a typed phrase, an exemplar box) need SAM 3, which this server was not started "
+                "with: start it with --concept-preset sam3_pcs (or SAM_CONCEPT_PRESET); "
+                "`sam-backend tiny-preset sam3 DIR` writes a small one to try.")
+        self.concepts.start()
+        self._wait_for(self.concepts)
+        return self.concepts.embeddings()
+
+    def concept_settings(self, project):
+        """SAM 3's post-processing settings: the environment's, then the project's ``extra_params``."""
+        setup = self.projects.get(_project_id(project))
+        return concept_settings(os.environ, setup.extra_params if setup else None)
+
+    def _predict_concepts(self, task: dict, config: LabelConfig, context: dict, project) -> dict:
+        """Every instance of the typed phrase (or like the exemplar box) on the task's image, as regions of one label."""
+        tiers = self.concept_tiers()
+        url, task_id = _image_url(task, config)
+        project = project or task.get("project")
+        output = self.output_settings(project)
+        output.kinds(config)
+        settings = self.concept_settings(project)
+        key, loader = self.image_source(url, task_id, project)
+        embedding = tiers.embedding_for(key, loader)
+        request = concept_request_from_context(context, config, embedding.frame.original_size)
+        found = tiers.engine.find(embedding, phrase=request.phrase, boxes=request.boxes or None, settings=settings)
+        regions = instances_to_regions(found, request.label, config, output,
+                                       (request.original_width, request.original_height), request.image_rotation)
+        asked = repr(request.phrase) if request.phrase is not None else "the exemplar"
+        logger.info("Task %s: concept %s%s -> %d instance(s) of %s (presence %.2f) in %.2fs", task_id, asked,
+                    f" + {len(request.boxes)} box(es)" if request.boxes and request.phrase else "", regions.instances,
+                    request.label, found.presence, found.seconds)
+        answer = self._prediction(regions.regions, regions.score, self.concept_model_version)
+        if not regions.instances:
+            answer["message"] = (f"Nothing like {asked} found: no instance scored above {settings.threshold} "
+                                 f"(presence {found.presence:.2f}). Try another phrase, or a lower concept_threshold.")
+        return answer
 
     def _predict_task(self, engine, version: str, task: dict, config: LabelConfig, context: dict, project) -> dict:
         url, task_id = _image_url(task, config)
@@ -412,7 +487,7 @@ class SamBackend:
             version = self.version_for(_request_project(project, tasks))
             return [self._prediction([], None, version) for _ in tasks]
         settings.output.kinds(config)  # an output the config cannot take is one error, not one per task
-        engine, version = self.engine_for(_request_project(project, tasks))
+        run, version = self._prelabeller(settings, config, _request_project(project, tasks))
         items, outcomes = [], []
         for task, has_prompts in zip(tasks, own):
             try:
@@ -424,7 +499,7 @@ class SamBackend:
                 outcomes.append(Outcome(prediction=self._prediction([], None, version)))
                 continue
             task_project = _project_id(task.get("project") or project)
-            compute = functools.partial(self._prelabel_task, engine, version, task, url, config, settings, project)
+            compute = functools.partial(run, version, task, url, config, settings, project)
             deliver = functools.partial(self._post_prediction, task_id, task_project)
             items.append(((task_project, task_id, version, settings), compute, deliver))
             outcomes.append(None)
@@ -457,13 +532,38 @@ class SamBackend:
             SamBackendError: the task's image cannot be fetched or read, a region is malformed...
         """
         url, _ = _image_url(task, config)
+        if settings.mode == "concepts":
+            run, version = self._prelabeller(settings, config, project)
+            return run(version, task, url, config, settings, project)
         engine, version = self.decoders.engine_for(self.holder.engine(), _request_project(project, [task]))
         return self._prelabel_task(engine, version or self.model_version, task, url, config, settings, project)
 
-    def encode_tasks(self, tasks: list[dict], config: LabelConfig, project=None) -> None:
-        """Fetch the tasks' images and encode those not cached in one encoder call (GPU batches)."""
+    def _prelabeller(self, settings: PrelabelSettings, config: LabelConfig, project) -> tuple:
+        """``(compute, model_version)``: what computes a task's prediction in this mode (its checks done once)."""
+        if settings.mode == "concepts":
+            phrases = label_phrases(config, dict(settings.concepts))
+            return functools.partial(self._concept_prelabel_task, self.concept_tiers(), phrases), \
+                self.concept_model_version
+        engine, version = self.engine_for(project)
+        return functools.partial(self._prelabel_task, engine), version
+
+    def encode_tasks(self, tasks: list[dict], config: LabelConfig, project=None, concepts: bool = False) -> None:
+        """Fetch the tasks' images and encode those not cached in one encoder call (GPU batches); SAM 3's if ``concepts``."""
         items = [self.image_source(*_image_url(task, config), project or task.get("project")) for task in tasks]
-        self.holder.embeddings().embeddings_for_many(items)
+        tiers = self.concept_tiers() if concepts else self.holder.embeddings()
+        tiers.embeddings_for_many(items)
+
+    def _concept_prelabel_task(self, tiers, phrases: dict[str, str], version: str, task: dict, url: str,
+                               config: LabelConfig, settings: PrelabelSettings, project) -> dict:
+        # One vision encode per image (or none: the store), then one decode per label.
+        key, loader = self.image_source(url, task.get("id"), project or task.get("project"))
+        embedding = tiers.embedding_for(key, loader, priority=Priority.BACKGROUND)
+        regions = ConceptRegions()
+        for label, phrase in phrases.items():
+            found = tiers.engine.find(embedding, phrase=phrase, settings=settings.concept)
+            instances_to_regions(found, label, config, settings.output, regions=regions)
+        logger.info("Task %s: %d instance(s) of %d concept(s)", task.get("id"), regions.instances, len(phrases))
+        return self._prediction(regions.regions, regions.score, version)
 
     def _prelabel_task(self, engine, version: str, task: dict, url: str, config: LabelConfig, settings: PrelabelSettings,
                        project) -> dict:
@@ -525,6 +625,13 @@ def _has_own_prompts(task: dict, config: LabelConfig) -> bool:
         return bool(prompts_from_task(task, config, (1, 1)))
     except SamBackendError:
         return True  # computing it reports the error for this task
+
+
+def _load_concept_engine(preset: str):
+    """SAM 3 from ``preset`` (the ``concepts`` extra); imported only when a concept preset is configured."""
+    from sam_backend.sam3.engine import ConceptEngine
+
+    return ConceptEngine.from_preset(preset)
 
 
 def _freeze_loaded_objects() -> None:

@@ -8,6 +8,8 @@ This is what "Retrieve predictions", a task opened with pre-labeling on, and
   per keypoint label;
 - ``auto``: SAM's automatic mask generation over a grid of points;
 - ``boxes-then-auto``: the task's own prompts when it has some, else automatic;
+- ``concepts``: SAM 3 finds every instance of each mask label's phrase
+  (:mod:`sam_backend.server.concepts`; needs a concept preset);
 - ``off``: nothing.
 """
 
@@ -22,10 +24,12 @@ from sam_backend.errors import BadRequestError
 from sam_backend.labelstudio.labelconfig import LabelConfig
 from sam_backend.labelstudio.output import OutputSettings, mask_to_regions
 from sam_backend.labelstudio.regions import fit_mask, prompts_from_task
+from sam_backend.sam3.instances import ConceptSettings
+from sam_backend.server.concepts import concept_settings
 
 logger = logging.getLogger(__name__)
 
-MODES = ("boxes", "auto", "boxes-then-auto", "off")
+MODES = ("boxes", "auto", "boxes-then-auto", "concepts", "off")
 DEFAULT_MODE = "boxes"
 
 
@@ -38,6 +42,8 @@ class PrelabelSettings:
         auto: automatic mask generation settings.
         auto_label: the label of automatic masks (default: the brush's or polygon control's first).
         output: what masks become (brush, polygons, both) and polygon settings.
+        concepts: ``(label, phrase)`` pairs that override the label config's phrases (mode ``concepts``).
+        concept: SAM 3's post-processing settings (mode ``concepts``).
 
     Example:
         >>> PrelabelSettings.from_sources({"SAM_PRELABEL": "auto"}, {"points_per_side": 8}).auto.points_per_side
@@ -48,6 +54,8 @@ class PrelabelSettings:
     auto: AutoMaskSettings = field(default_factory=AutoMaskSettings)
     auto_label: str | None = None
     output: OutputSettings = field(default_factory=OutputSettings)
+    concepts: tuple[tuple[str, str], ...] = ()
+    concept: ConceptSettings = field(default_factory=ConceptSettings)
 
     @classmethod
     def from_sources(cls, environ: dict | None = None, extra_params: dict | None = None) -> "PrelabelSettings":
@@ -77,7 +85,10 @@ class PrelabelSettings:
         nested = extra.get("auto") if isinstance(extra.get("auto"), dict) else {}
         auto = AutoMaskSettings.from_mapping({**extra, **nested}, base=auto)
         label = extra.get("auto_label") or environ.get("SAM_AUTO_LABEL") or None
-        return cls(mode=mode, auto=auto, auto_label=label, output=OutputSettings.from_sources(environ, extra))
+        phrases = extra.get("concept_phrases") if isinstance(extra.get("concept_phrases"), dict) else {}
+        return cls(mode=mode, auto=auto, auto_label=label, output=OutputSettings.from_sources(environ, extra),
+                   concepts=tuple((str(k), str(v)) for k, v in phrases.items()),
+                   concept=concept_settings(environ, extra))
 
 
 @dataclass
