@@ -62,6 +62,20 @@ def max_request_bytes() -> int:
     return int(env_number("SAM_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB) * 1024 * 1024)
 
 
+def reason_phrase(message: str, limit: int = 300) -> str:
+    """``message`` as an HTTP reason phrase: one line of printable ASCII, at most ``limit`` characters.
+
+    Example:
+        >>> reason_phrase("The phrase «bottle» is\ttoo long")
+        'The phrase bottle is too long'
+    """
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", message).encode("ascii", "ignore").decode()
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def status_for(error: SamBackendError) -> int:
     """The HTTP status for a backend error."""
     for cls, status in STATUS_BY_ERROR:
@@ -134,7 +148,9 @@ def create_app(backend: SamBackend | None = None, start_loading: bool = True) ->
         metrics.errors.labels(request.endpoint or "unknown", str(status)).inc()
         logger.warning("%s %s -> %d: %s", request.method, request.path, status, error)
         response = jsonify(error=str(error))
-        response.status_code = status
+        # Label Studio 1.23 shows the annotator only the status line of an error (``str(HTTPError)``),
+        # not the body: the message goes in the reason phrase too.
+        response.status = f"{status} {reason_phrase(str(error))}"
         if status == 503:
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
