@@ -58,12 +58,14 @@ def variables_read(package: Path) -> dict[str, str]:
 
 
 def settings_from_prefixes() -> dict[str, str]:
-    """Variables read by prefix: ``SAM_AUTO_<FIELD>`` and ``SAM_POLYGON_<FIELD>``, one per settings field."""
+    """Variables read by prefix: ``SAM_AUTO_``, ``SAM_POLYGON_`` and ``SAM_CONCEPT_<FIELD>``, one per settings field."""
     from sam_backend.labelstudio.polygons import PolygonSettings
     from sam_backend.sam.automask import AutoMaskSettings
+    from sam_backend.sam3.instances import ConceptSettings
 
     found = {}
-    for prefix, settings in (("SAM_AUTO_", AutoMaskSettings), ("SAM_POLYGON_", PolygonSettings)):
+    for prefix, settings in (("SAM_AUTO_", AutoMaskSettings), ("SAM_POLYGON_", PolygonSettings),
+                             ("SAM_CONCEPT_", ConceptSettings)):
         for field in dataclasses.fields(settings):
             found[prefix + field.name.upper()] = settings.__name__
     return found
