@@ -37,12 +37,12 @@ RUN apt-get update \
     && ln -s "$lib" /usr/local/lib/libtcmalloc_minimal.so.4
 
 WORKDIR /app
-COPY pyproject.toml README.md label_config.xml label_config_polygons.xml ./
+COPY pyproject.toml README.md label_config.xml label_config_polygons.xml label_config_concepts.xml ./
 COPY sam_backend ./sam_backend
 # uv reads [tool.uv] in pyproject.toml: keras-hub without tensorflow-text, so no
 # TensorFlow (docs/installation.md). The torch installed above satisfies the package.
 RUN pip install uv \
-    && uv pip install --system --no-cache . \
+    && uv pip install --system --no-cache ".[concepts]" \
     && pip uninstall -y uv \
     && useradd --create-home --uid 1000 sam && mkdir -p /data && chown sam:sam /data
 

@@ -17,7 +17,7 @@ from sam_backend.sam3.engine import exemplar_boxes, preprocess_concept_image
 from sam_backend.sam3.instances import concept_scores, select_instances
 from sam_backend.sam3.roi_align import roi_align
 from sam_backend.sam3.tiny import write_tiny_concept_preset
-from tests.sam3_reference import hf_outputs, reference_roi_align, write_hf_tiny_checkpoint
+from sam3_reference import hf_outputs, reference_roi_align, write_hf_tiny_checkpoint
 
 #: Every instance as Hugging Face's post-processing gives it: no NMS, no cleanup.
 UNFILTERED = ConceptSettings(threshold=0.5, nms_iou=1.0, max_instances=100, min_region_area=0)
@@ -220,3 +220,19 @@ def test_post_processing_thresholds_suppresses_caps_and_cleans():
     assert select_instances(logits, query, -10.0, boxes, (32, 32)) == [], "absent concept: nothing"
     with pytest.raises(ValueError, match="threshold"):
         ConceptSettings.from_mapping({"threshold": "1.5"})
+
+
+def test_further_phrases_on_an_image_reuse_its_vision_neck(concept_engine, scene, monkeypatch):
+    embedding = concept_engine.encode(scene)
+    first = concept_engine.raw_outputs(embedding, "cell")
+    neck_class = type(concept_engine.model.vision_encoder.vision_neck)
+    stock, calls = neck_class.call, []
+    monkeypatch.setattr(neck_class, "call", lambda self, *a, **k: calls.append(1) or stock(self, *a, **k))
+    again = concept_engine.raw_outputs(embedding, "cell")
+    concept_engine.raw_outputs(embedding, "a bottle")
+    assert calls == [], "the neck's outputs of the image are kept"
+    np.testing.assert_array_equal(first["pred_logits"], again["pred_logits"])
+    for _ in range(3):  # other images push it out: only the last few are kept
+        concept_engine.raw_outputs(concept_engine.encode(scene), "cell")
+    concept_engine.raw_outputs(embedding, "cell")
+    assert len(calls) == 4

@@ -226,3 +226,38 @@ def test_retrieve_predictions_in_concepts_mode(backend, tmp_path, labelstudio):
     results = client.post("/predict", json=body).get_json()["results"]
     assert len(results) == 2 and all(r["model_version"] == backend.concept_model_version for r in results)
     assert all(r["result"] for r in results)
+
+
+def test_look_ahead_encodes_the_next_tasks_sam3_features_too(engine, tmp_path, concept_preset, monkeypatch, rng):
+    from sam_backend.embeddings.disk_store import DiskStore
+    from sam_backend.embeddings.store import entry_key
+    from sam_backend.server.lookahead import LookAhead
+
+    monkeypatch.setenv("SAM_CONCEPT_LOOKAHEAD", "1")
+    files = tmp_path / "files"
+    (files / str(PROJECT)).mkdir(parents=True)
+    fake = FakeLabelStudio(files, label_config=CONFIG)
+    try:
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(files / str(PROJECT) / f"{i}.png")
+            fake.add_task(PROJECT, f"{PROJECT}/{i}.png")
+        store = DiskStore(tmp_path / "store", 1 << 30)
+        backend = make_backend(engine, tmp_path, credentials=Credentials(fake.url, fake.token), store=store)
+        backend.concept_preset = concept_preset
+        backend.concepts = ModelHolder(concept_preset, loader=ConceptEngine.from_preset, store=store).start()
+        backend.concepts.wait()
+        backend.lookahead = LookAhead(backend, depth=2)
+        backend.lookahead.saw(str(PROJECT), fake.tasks[PROJECT][0]["id"], parse_label_config(CONFIG))
+        assert backend.lookahead.wait_idle()
+
+        def stored(tiers, index):
+            task = fake.tasks[PROJECT][index]
+            key, _ = backend.image_source(task["data"]["image"], task["id"], str(PROJECT))
+            return tiers.store.get(entry_key(tiers.fingerprint, key)) is not None
+
+        sam, sam3 = backend.holder.embeddings(), backend.concepts.embeddings()
+        assert [stored(sam, i) for i in range(4)] == [False, True, True, False]
+        assert [stored(sam3, i) for i in range(4)] == [False, True, False, False], "only the next task for SAM 3"
+        assert backend.lookahead.concept_encodes._value.get() == 1
+    finally:
+        fake.close()

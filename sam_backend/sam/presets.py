@@ -97,6 +97,12 @@ def import_keras_hub():
     return keras_hub
 
 
+def error_summary(exc: BaseException) -> str:
+    """``Type: first line of the message``: keras-hub's load errors can run to pages."""
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {message.splitlines()[0] if message else type(exc).__name__}"
+
+
 def load_segmenter(preset: str):
     """Load a ``keras_hub.models.SAMImageSegmenter`` from ``preset``.
 
@@ -115,10 +121,9 @@ def load_segmenter(preset: str):
     try:
         model = keras_hub.models.SAMImageSegmenter.from_preset(resolved)
     except Exception as exc:  # keras-hub raises many kinds; all mean "cannot load"
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PresetLoadError(
             f"Could not load the SAM preset {preset!r} from {describe_source(preset)}: "
-            f"{type(exc).__name__}: {cause}. Without network access, point --preset "
+            f"{error_summary(exc)}. Without network access, point --preset "
             "(or SAM_PRESET) at a local preset directory made with save_to_preset"
             f"{_shipped_hint()}."
         ) from exc

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -32,7 +34,7 @@ from PIL import Image
 from sam_backend.errors import PresetLoadError, PromptError
 from sam_backend.sam.engine import Embedding, device_scope
 from sam_backend.sam.images import ImageSource, load_image
-from sam_backend.sam.presets import describe_source, import_keras_hub, resolve_preset
+from sam_backend.sam.presets import describe_source, error_summary, import_keras_hub, resolve_preset
 from sam_backend.sam.transforms import Frame
 from sam_backend.sam3.fixes import apply_fixes
 from sam_backend.sam3.instances import ConceptInstance, ConceptSettings, select_instances
@@ -42,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 #: The text Hugging Face's processor gives SAM 3 when a prompt has boxes and no phrase.
 EXEMPLAR_ONLY_TEXT = "visual"
+#: Images whose vision-neck outputs (the FPN levels: about 110 MB each for ``sam3_pcs``) a process
+#: keeps, so that further phrases on an image an annotator is on cost the decoder alone.
+NECK_CACHE_IMAGES = 2
 
 
 @dataclass
@@ -122,6 +127,8 @@ class ConceptEngine:
         self.precision = "float32"
         self.encoder_calls = 0
         self.load_seconds: float | None = None
+        self._necks: OrderedDict[int, tuple] = OrderedDict()
+        self._necks_lock = threading.Lock()
 
     @classmethod
     def from_preset(cls, preset: str, device: str | None = None) -> "ConceptEngine":
@@ -146,10 +153,9 @@ class ConceptEngine:
             raise PresetLoadError(
                 f"SAM 3 needs the concepts extra: pip install 'sam-backend[concepts]' ({exc}).") from exc
         except Exception as exc:  # keras-hub raises many kinds; all mean "cannot load"
-            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PresetLoadError(
                 f"Could not load the SAM 3 preset {preset!r} from {describe_source(preset)}: "
-                f"{type(exc).__name__}: {cause}. Without network access, point --concept-preset "
+                f"{error_summary(exc)}. Without network access, point --concept-preset "
                 "(or SAM_CONCEPT_PRESET) at a local directory, e.g. one made by "
                 "`sam-backend tiny-preset sam3 DIR`.") from exc
         engine = cls(backbone, tokenizer, preset=preset, device=device,
@@ -236,8 +242,7 @@ class ConceptEngine:
             rows, labels = np.zeros((1, 0, 5), np.float32), None
         backbone = self.model
         with torch.inference_mode(), device_scope(self.device):
-            hidden, positions = backbone.vision_encoder.vision_neck(embedding.features)
-            hidden, positions = hidden[:-1], positions[:-1]
+            hidden, positions = self._neck(embedding)
             token_ids = ops.convert_to_tensor(tokens.ids[None], dtype="int32")
             text_mask = ops.convert_to_tensor(tokens.mask[None].astype(bool))
             text = backbone.text_projection(backbone.text_encoder(token_ids, text_mask))
@@ -269,6 +274,25 @@ class ConceptEngine:
             "pred_boxes": ops.convert_to_numpy(pred_boxes[0]).astype(np.float32),
             "presence_logits": float(ops.convert_to_numpy(presence).reshape(-1)[0]),
         }
+
+    def _neck(self, embedding: Embedding) -> tuple:
+        """The vision neck's feature and position maps of ``embedding`` (the FPN levels the decoder reads).
+
+        Computed from the stored features; the last :data:`NECK_CACHE_IMAGES` images' are kept.
+        """
+        key = id(embedding)
+        with self._necks_lock:
+            kept = self._necks.get(key)
+            if kept is not None and kept[0] is embedding:  # the entry holds the embedding: its id is not reused
+                self._necks.move_to_end(key)
+                return kept[1]
+        hidden, positions = self.model.vision_encoder.vision_neck(embedding.features)
+        levels = (hidden[:-1], positions[:-1])
+        with self._necks_lock:
+            self._necks[key] = (embedding, levels)
+            while len(self._necks) > NECK_CACHE_IMAGES:
+                self._necks.popitem(last=False)
+        return levels
 
     def find(self, embedding: Embedding, phrase: str | None = None, boxes=None, box_labels=None,
              settings: ConceptSettings | None = None) -> ConceptResult:

@@ -329,7 +329,10 @@ class SamBackend:
         if not context or not context.get("result"):
             return self._predict_without_context(tasks, config, project)
         if is_concept_context(context, config):
-            return [self._predict_concepts(task, config, context, project) for task in tasks]
+            answers = [self._predict_concepts(task, config, context, project) for task in tasks]
+            if len(tasks) == 1:
+                self._saw(tasks[0], config, project)
+            return answers
         engine, version = self.engine_for(_request_project(project, tasks))
         answers = [self._predict_task(engine, version, task, config, context, project) for task in tasks]
         if len(tasks) == 1:

@@ -26,6 +26,12 @@ behind everything else in the worker's encode queue
   unaffected. A task whose image cannot be fetched is skipped and counted,
   and not tried again.
 
+With a SAM 3 concept preset loaded, the first ``SAM_CONCEPT_LOOKAHEAD`` of
+those tasks (default 1) also get SAM 3's vision features, in SAM 3's own encode
+queue, so that the first phrase typed on the next task costs the decoder
+alone. SAM 3's encode is long (tens of seconds on a CPU for ``sam3_pcs``)
+and shares the CPU with the clicks: 0 turns it off.
+
 Everything runs on one background thread per worker: a request only hands it
 the project and task, and never waits.
 """
@@ -52,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 #: Tasks encoded ahead of the annotator (``SAM_LOOKAHEAD``; 0 turns look-ahead off).
 DEFAULT_DEPTH = 4
+#: Of those, how many SAM 3 encodes too, when a concept preset is loaded (``SAM_CONCEPT_LOOKAHEAD``).
+DEFAULT_CONCEPT_DEPTH = 1
 #: Seconds a project's task list is reused before Label Studio is asked again (``SAM_LOOKAHEAD_LIST_SECONDS``).
 DEFAULT_LIST_SECONDS = 30.0
 #: Seconds an embedding that a click used is safe from a look-ahead's eviction (``SAM_LOOKAHEAD_PROTECT_SECONDS``).
@@ -112,6 +120,9 @@ class LookAhead:
                              else env_number("SAM_LOOKAHEAD_LIST_SECONDS", DEFAULT_LIST_SECONDS))
         self.protect_seconds = (protect_seconds if protect_seconds is not None
                                 else env_number("SAM_LOOKAHEAD_PROTECT_SECONDS", DEFAULT_PROTECT_SECONDS))
+        self.concept_depth = max(0, int(env_number("SAM_CONCEPT_LOOKAHEAD", DEFAULT_CONCEPT_DEPTH)))
+        self.concept_encodes = Counter("sam_lookahead_concept_encodes",
+                                       "Images whose SAM 3 features were encoded ahead of the annotator", registry=None)
         self.encodes = Counter("sam_lookahead_encodes", "Images encoded ahead of the annotator", registry=None)
         self.hits = Counter("sam_lookahead_hits", "First clicks served by a look-ahead embedding", registry=None)
         self.waste = Counter("sam_lookahead_waste",
@@ -161,7 +172,7 @@ class LookAhead:
 
     def collect(self):
         """The look-ahead counters, for a registry collector."""
-        for counter in (self.encodes, self.hits, self.waste, self.skipped):
+        for counter in (self.encodes, self.hits, self.waste, self.skipped, self.concept_encodes):
             yield from counter.collect()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
@@ -202,10 +213,10 @@ class LookAhead:
         wanted = [task for task in tasks if task["id"] not in state.failed][: self.depth]
         self._leave(key, state, task_id, {task["id"] for task in wanted})
         state.futures = [f for f in state.futures if not f.done()]
-        for task in wanted:
+        for index, task in enumerate(wanted):
             if task["id"] in state.window.values():
                 continue
-            self._schedule(key, state, task, config)
+            self._schedule(key, state, task, config, concepts=index < self.concept_depth)
 
     def _next_tasks(self, key: str, state: _Project, task_id: int) -> list[dict] | None:
         """The unlabeled tasks after ``task_id`` (from the cached list when it still covers them), or None: off."""
@@ -261,6 +272,9 @@ class LookAhead:
         if not gone:
             return
         dropped = self.backend.holder.embeddings().queue.discard(gone)
+        concepts = self._concept_tiers()
+        if concepts is not None:
+            concepts.queue.discard(gone)
         wasted = 0
         with self._lock:
             for image in gone:
@@ -275,7 +289,12 @@ class LookAhead:
         if dropped:
             logger.info("Project %s: the annotator moved; %d queued look-ahead(s) dropped", key, dropped)
 
-    def _schedule(self, key: str, state: _Project, task: dict, config: LabelConfig) -> None:
+    def _concept_tiers(self):
+        """SAM 3's embedding tiers when its model is loaded and look-ahead asked of it, else None."""
+        holder = getattr(self.backend, "concepts", None)
+        return holder.loaded_embeddings if holder is not None and self.concept_depth > 0 else None
+
+    def _schedule(self, key: str, state: _Project, task: dict, config: LabelConfig, concepts: bool = False) -> None:
         url = task["data"].get(config.image_key)
         task_id = task["id"]
         if not isinstance(url, str) or not url:
@@ -291,6 +310,17 @@ class LookAhead:
             state.window[image_key] = task_id
             state.futures.append(future)
         future.add_done_callback(lambda done: self._settled(key, state, image_key, task_id, done))
+        concept_tiers = self._concept_tiers() if concepts else None
+        if concept_tiers is not None:
+            ahead = concept_tiers.look_ahead(image_key, loader, self.protect_seconds)
+            with self._lock:
+                state.futures.append(ahead)
+            ahead.add_done_callback(lambda done: self._concept_settled(key, task_id, done))
+
+    def _concept_settled(self, key: str, task_id: int, done: Future) -> None:
+        if done.exception() is None and done.result() == "encoded":
+            self.concept_encodes.inc()
+            logger.info("Project %s: task %s's SAM 3 features encoded ahead of the annotator", key, task_id)
 
     def _settled(self, key: str, state: _Project, image_key: str, task_id: int, done: Future) -> None:
         error = done.exception()
