@@ -8,8 +8,10 @@ independent of the vectorised version under test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 import types
 from pathlib import Path
 
@@ -71,13 +73,29 @@ def reference_roi_align(features, boxes, output_size, spatial_scale=1.0, samplin
     return result
 
 
+@contextlib.contextmanager
+def without_torchvision_stand_in():
+    """Hide tests/meta_reference.py's torchvision stand-in (a module without a spec) while transformers looks.
+
+    transformers asks ``importlib.util.find_spec("torchvision")``, which raises on
+    the stand-in; it must see what is true here: no torchvision.
+    """
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules)
+             if name == "torchvision" or name.startswith("torchvision.")}
+    try:
+        yield
+    finally:
+        sys.modules.update(saved)
+
+
 #: Stands in for the torchvision module in transformers' SAM 3 (only ``ops.roi_align`` is used).
 fake_torchvision = types.SimpleNamespace(ops=types.SimpleNamespace(roi_align=reference_roi_align))
 
 
 def hf_tiny_config():
     """A transformers ``Sam3Config`` of the tiny preset's sizes."""
-    from transformers import Sam3Config
+    with without_torchvision_stand_in():
+        from transformers import Sam3Config
 
     detector = json.loads(json.dumps(TINY_DETECTOR_CONFIG))
     backbone = dict(detector["vision_config"].pop("backbone_config"), model_type="sam3_vit_model")
@@ -101,6 +119,11 @@ def write_hf_tiny_checkpoint(directory: Path, seed: int = 0):
     under ``detector_config``), which is what keras-hub converts; its
     ``tokenizer.json`` is a CLIP tokenizer of the tiny vocabulary. Returns the model.
     """
+    with without_torchvision_stand_in():
+        return _write_hf_tiny_checkpoint(directory, seed)
+
+
+def _write_hf_tiny_checkpoint(directory: Path, seed: int):
     from transformers import CLIPTokenizer, Sam3Model
 
     torch.manual_seed(seed)
@@ -120,6 +143,11 @@ def write_hf_tiny_checkpoint(directory: Path, seed: int = 0):
 
 def hf_outputs(model, pixel_values: np.ndarray, tokens, boxes=None, box_labels=None) -> dict:
     """transformers' raw outputs for one image: NCHW float pixels, our tokens, cxcywh boxes."""
+    with without_torchvision_stand_in():
+        return _hf_outputs(model, pixel_values, tokens, boxes, box_labels)
+
+
+def _hf_outputs(model, pixel_values: np.ndarray, tokens, boxes=None, box_labels=None) -> dict:
     from transformers.models.sam3 import modeling_sam3
 
     modeling_sam3.torchvision = fake_torchvision

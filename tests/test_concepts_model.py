@@ -17,7 +17,7 @@ from sam_backend.sam3.engine import exemplar_boxes, preprocess_concept_image
 from sam_backend.sam3.instances import concept_scores, select_instances
 from sam_backend.sam3.roi_align import roi_align
 from sam_backend.sam3.tiny import write_tiny_concept_preset
-from sam3_reference import hf_outputs, reference_roi_align, write_hf_tiny_checkpoint
+from sam3_reference import hf_outputs, reference_roi_align, without_torchvision_stand_in, write_hf_tiny_checkpoint
 
 #: Every instance as Hugging Face's post-processing gives it: no NMS, no cleanup.
 UNFILTERED = ConceptSettings(threshold=0.5, nms_iou=1.0, max_instances=100, min_region_area=0)
@@ -143,7 +143,8 @@ def test_a_batch_of_two_box_prompts_equals_each_alone(concept_engine, scene):
 
 def test_box_prompts_need_no_torchvision(concept_engine, scene):
     """Defect 4: keras-hub's torch path imports torchvision, which this torch has no build of."""
-    assert importlib.util.find_spec("torchvision") is None, "this test checks the path without torchvision"
+    with without_torchvision_stand_in():  # the stand-in of tests/meta_reference.py is not torchvision
+        assert importlib.util.find_spec("torchvision") is None, "this test checks the path without torchvision"
     found = concept_engine.find(concept_engine.encode(scene), boxes=[[30, 20, 80, 60]])
     assert isinstance(found.instances, list)
 
@@ -160,12 +161,14 @@ def test_roi_align_equals_torchvision_kernel(aligned):
 
 
 def test_the_tokenizer_reads_both_preset_kinds_as_clip_does(concept_engine, tmp_path):
-    from transformers import CLIPTokenizer
+    with without_torchvision_stand_in():
+        from transformers import CLIPTokenizer
 
-    hf = CLIPTokenizer.from_pretrained(concept_engine.preset)
+        hf = CLIPTokenizer.from_pretrained(concept_engine.preset)
     keras_preset = ConceptEngine.from_preset(str(write_tiny_concept_preset(tmp_path / "tiny")))
     for phrase in ["cell", "Cells,  a BOTTLE", "the dog's nucleus", "café 42", "x"]:
-        expected = hf(phrase)["input_ids"]
+        with without_torchvision_stand_in():
+            expected = hf(phrase)["input_ids"]
         for tokenizer in (concept_engine.tokenizer, keras_preset.tokenizer):
             tokens = tokenizer(phrase)
             assert tokens.ids[: len(expected)].tolist() == expected
