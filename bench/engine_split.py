@@ -61,7 +61,6 @@ def main() -> None:
         "masks": np.zeros((1, 0, *engine.mask_input_size, 1), np.float32),
     }
     # What the keras-hub docs show for one prompt: the whole model on the image (predict's one call).
-    import torch
 
     def whole_model():
         with torch.no_grad():

@@ -261,3 +261,50 @@ def test_look_ahead_encodes_the_next_tasks_sam3_features_too(engine, tmp_path, c
         assert backend.lookahead.concept_encodes._value.get() == 1
     finally:
         fake.close()
+
+
+# ------------------------------------------------------------------ precompute --concept-preset
+
+def precompute(fake, preset, tmp_path, *extra):
+    return main(["precompute", "--url", fake.url, "--api-key", fake.token, "--project", str(PROJECT),
+                 "--preset", str(preset), "--cache-dir", str(tmp_path / "store"), "--no-progress", *extra])
+
+
+def test_precompute_stores_sam3_features_that_the_server_then_reads(labelstudio, engine, tiny_preset_dir,
+                                                                      concept_preset, tmp_path, capsys):
+    from sam_backend.embeddings.disk_store import DiskStore
+
+    assert precompute(labelstudio, tiny_preset_dir, tmp_path, "--concept-preset", concept_preset) == 1  # missing.png
+    out = capsys.readouterr().out
+    assert "1 encoded, 2 already stored" in out, "three tasks of one image: encoded once"
+    assert "SAM: 1 encoded, 2 already stored; SAM 3: 1 encoded, 2 already stored" in out
+    assert precompute(labelstudio, tiny_preset_dir, tmp_path, "--concept-preset", concept_preset) == 1
+    assert "0 encoded, 3 already stored" in capsys.readouterr().out, "a second run encodes nothing"
+
+    store = DiskStore(tmp_path / "store", budget_bytes=1 << 30)
+    assert store.stats().entries == 2, "one entry per model"
+    backend = make_backend(engine, tmp_path / "serving", Credentials(labelstudio.url, labelstudio.token), store=store)
+    backend.concept_preset = concept_preset
+    backend.concepts = ModelHolder(concept_preset, loader=ConceptEngine.from_preset, store=store).start()
+    backend.concepts.wait()
+    client = create_app(backend, start_loading=False).test_client()
+    task = labelstudio.tasks[PROJECT][0]
+    body = {"tasks": [task], "label_config": CONFIG, "project": f"{PROJECT}.1",
+            "params": {"context": {"result": [text_region("Can: green boxes")]}}}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200 and response.get_json()["results"][0]["result"]
+    assert backend.concepts.embeddings().engine.encoder_calls == 0, "the phrase read the precomputed features"
+
+
+def test_precompute_concepts_only(labelstudio, tiny_preset_dir, concept_preset, tmp_path, capsys, caplog,
+                                  monkeypatch):
+    from sam_backend.embeddings.disk_store import DiskStore
+
+    monkeypatch.delenv("SAM_CONCEPT_PRESET", raising=False)
+    assert precompute(labelstudio, tiny_preset_dir, tmp_path, "--concepts-only") == 2
+    assert "--concepts-only needs a SAM 3 preset" in caplog.text
+    monkeypatch.setenv("SAM_CONCEPT_PRESET", concept_preset)  # as the server reads it
+    assert precompute(labelstudio, tiny_preset_dir, tmp_path, "--concepts-only") == 1
+    out = capsys.readouterr().out
+    assert "1 encoded, 2 already stored" in out and "SAM:" not in out
+    assert DiskStore(tmp_path / "store", budget_bytes=1 << 30).stats().entries == 1

@@ -253,3 +253,20 @@ def test_preannotate_concepts_on_ray_gives_the_single_machine_predictions(ray_in
     assert out.splitlines()[1:] == single.splitlines()[1:]
     # The actors stored SAM 3's vision features (one entry per distinct image).
     assert DiskStore(tmp_path / "ray", 1 << 30).stats().entries == IMAGES
+
+
+def test_precompute_concepts_only_on_ray_uses_the_single_machine_keys(ray_instance, labelstudio, tmp_path, capsys,
+                                                                      monkeypatch):
+    """The actors load SAM 3 alone and store its features where a run in this process finds them."""
+    from sam_backend.sam3.tiny import write_tiny_concept_preset
+
+    monkeypatch.delenv("SAM_CACHE_URL", raising=False)
+    concept_preset = str(write_tiny_concept_preset(tmp_path / "sam3"))
+    args = ["precompute", "--url", labelstudio.url, "--api-key", labelstudio.token, "--project", str(PROJECT),
+            "--concept-preset", concept_preset, "--concepts-only", "--cache-dir", str(tmp_path / "store"),
+            "--no-progress"]
+    assert main([*args, "--ray", "--ray-actors", "2"]) == 1  # the missing image
+    assert f"{IMAGES} encoded, 1 already stored" in capsys.readouterr().out
+    assert DiskStore(tmp_path / "store", 1 << 30).stats().entries == IMAGES
+    assert main(args) == 1
+    assert f"0 encoded, {IMAGES + 1} already stored" in capsys.readouterr().out

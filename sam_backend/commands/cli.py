@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.add_argument("--project", type=int, required=True, help="project id")
     precompute.add_argument("--preset", default=None, help="SAM preset (default SAM_PRESET, else sam_base_sa1b); "
                             "the server must use the same one to find the embeddings")
+    precompute.add_argument("--concept-preset", default=None,
+                            help="SAM 3 preset whose vision features to store too, so that a first phrase costs its "
+                            "decode only (default SAM_CONCEPT_PRESET, else none); the server must use the same one")
+    precompute.add_argument("--concepts-only", action="store_true",
+                            help="store SAM 3's features only, not SAM's (a project prompted by phrases only)")
     precompute.add_argument("--view", type=int, default=None, help="only the tasks of this data manager view (tab) id")
     precompute.add_argument("--cache-dir", default=None, help="the store to fill (default as for serve)")
     precompute.add_argument("--data-key", default=None,
@@ -235,34 +240,43 @@ def preannotate_command(args: argparse.Namespace) -> int:
 
 def precompute_command(args: argparse.Namespace) -> int:
     """``sam-backend precompute``: see :mod:`sam_backend.commands.precompute`."""
-    from sam_backend.commands.precompute import Precomputer, image_data_key
+    from sam_backend.commands.precompute import Precomputer, image_data_key, load_precompute_models
     from sam_backend.embeddings.settings import open_store
     from sam_backend.embeddings.tiers import EmbeddingTiers
     from sam_backend.errors import SamBackendError
     from sam_backend.labelstudio.api import LabelStudioProject
     from sam_backend.labelstudio.media import Credentials
-    from sam_backend.server.loading import load_engine
 
     if _ray_missing(args):
+        return 2
+    concept_preset = args.concept_preset or os.environ.get("SAM_CONCEPT_PRESET") or None
+    if args.concepts_only and not concept_preset:
+        logger.error("--concepts-only needs a SAM 3 preset: --concept-preset sam3_pcs (or SAM_CONCEPT_PRESET).")
         return 2
     try:
         project = LabelStudioProject(args.url, args.api_key, args.project)
         # Check Label Studio and the store before the model loads (a minute for a large preset).
         data_key = args.data_key or image_data_key(project.label_config())
         store = open_store(cache_dir=args.cache_dir, required=True)
-        preset = args.preset or default_preset()
+        preset = None if args.concepts_only else args.preset or default_preset()
+        names = " and ".join(f"{kind} {name}" for kind, name in (("SAM", preset), ("SAM 3", concept_preset)) if name)
         executor = _ray_executor(args, fetch_tasks=args.fetch_threads)
+        embeddings = concepts = None
         if executor is not None:
             # The actors open the same store (SAM_CACHE_URL, else this directory, which must be shared on a cluster).
-            embeddings, where = None, f"on Ray ({args.ray}, {args.ray_actors} actor(s))"
+            where = f"on Ray ({args.ray}, {args.ray_actors} actor(s))"
         else:
-            engine = load_engine(preset, device=args.device)  # the server's precision too
-            embeddings, where = EmbeddingTiers(engine, store=store), f"on {engine.device_name} ({engine.precision})"
-        sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {preset} {where} "
+            engine, concept_engine = load_precompute_models(preset, concept_preset, device=args.device)
+            embeddings = EmbeddingTiers(engine, store=store) if engine is not None else None
+            concepts = EmbeddingTiers(concept_engine, store=store) if concept_engine is not None else None
+            loaded = engine if engine is not None else concept_engine
+            where = f"on {loaded.device_name} ({loaded.precision})"
+        sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {names} {where} "
                          f"into {store.location}\n")
         summary = Precomputer(embeddings, project, Credentials(args.url, args.api_key), view=args.view,
                               data_key=data_key, fetch_threads=args.fetch_threads, progress=not args.no_progress,
-                              executor=executor, preset=preset, device=args.device, cache_dir=args.cache_dir).run()
+                              executor=executor, preset=preset, device=args.device, cache_dir=args.cache_dir,
+                              concepts=concepts, concept_preset=concept_preset).run()
     except SamBackendError as exc:
         logger.error("%s", exc)
         return 2
