@@ -52,9 +52,9 @@ def text_region(text, name="prompt"):
     return {"from_name": name, "to_name": "image", "type": "textarea", "value": {"text": [text]}}
 
 
-def exemplar_region(x0, y0, x1, y1, label="Bottle", size=(90, 160)):
+def exemplar_region(x0, y0, x1, y1, label="Bottle", size=(90, 160), name="exemplar"):
     h, w = size
-    return {"from_name": "exemplar", "to_name": "image", "type": "rectanglelabels", "original_width": w,
+    return {"from_name": name, "to_name": "image", "type": "rectanglelabels", "original_width": w,
             "original_height": h, "value": {"x": 100 * x0 / w, "y": 100 * y0 / h, "width": 100 * (x1 - x0) / w,
                                             "height": 100 * (y1 - y0) / h, "rotation": 0, "rectanglelabels": [label]}}
 
@@ -116,8 +116,48 @@ def test_polygons_when_the_project_asks_for_them(backend, media):
     assert regions and all(r["type"] == "polygonlabels" for r in regions)
 
 
+def counterexample_region(x0, y0, x1, y1, label="Bottle"):
+    return exemplar_region(x0, y0, x1, y1, label=label, name="counterexample")
+
+
+def test_counterexample_boxes_reach_sam3_as_negative_boxes(backend, media, monkeypatch):
+    """As the editor sends them: the exemplar, and the counter-example of the same label drawn after it."""
+    client = create_app(backend, start_loading=False).test_client()
+    engine = backend.concepts.embeddings().engine
+    asked, find = [], engine.find
+
+    def spy(embedding, **prompt):
+        asked.append(prompt)
+        return find(embedding, **prompt)
+
+    monkeypatch.setattr(engine, "find", spy)
+    alone = ask(client, media, exemplar_region(30, 20, 80, 60)).get_json()["results"][0]
+    both = ask(client, media, exemplar_region(30, 20, 80, 60), counterexample_region(100, 10, 150, 80)).get_json()
+    (prediction,) = both["results"]
+    assert asked[1]["box_labels"] == [True, False] and len(asked[1]["boxes"]) == 2 and asked[1]["phrase"] is None
+    assert {r["value"]["brushlabels"][0] for r in prediction["result"]} == {"Bottle"}
+    assert [r["score"] for r in prediction["result"]] != [r["score"] for r in alone["result"]], \
+        "the counter-example changes what SAM 3 finds"
+
+
+def test_counterexamples_alone_search_their_labels_phrase(backend, media, monkeypatch):
+    client = create_app(backend, start_loading=False).test_client()
+    engine = backend.concepts.embeddings().engine
+    asked, find = [], engine.find
+    monkeypatch.setattr(engine, "find", lambda embedding, **prompt: asked.append(prompt) or find(embedding, **prompt))
+    response = ask(client, media, counterexample_region(100, 10, 150, 80, label="Can"))
+    assert response.status_code == 200, response.get_json()
+    assert asked[0]["phrase"] == "drink can" and asked[0]["box_labels"] == [False]
+    assert {r["value"]["brushlabels"][0] for r in response.get_json()["results"][0]["result"]} <= {"Can"}
+    with_phrase = ask(client, media, text_region("Bottle: green boxes"), counterexample_region(100, 10, 150, 80))
+    assert with_phrase.status_code == 200 and asked[1]["phrase"] == "green boxes"
+    assert asked[1]["box_labels"] == [False]
+
+
 @pytest.mark.parametrize("regions, status, message", [
     ([text_region("   ")], 400, "phrase is empty"),
+    ([counterexample_region(100, 10, 150, 10)], 400, "zero"),
+    ([counterexample_region(100, 10, 150, 80, label="Cat")], 400, "counter-example box says what not to find"),
     ([text_region("Can: " + " ".join(["nucleus"] * 40))], 400, "at most 30"),
     ([exemplar_region(30, 20, 30, 60)], 400, "zero"),
     ([text_region("shiny things")], 400, "Which label"),
@@ -168,7 +208,8 @@ def test_a_broken_concept_preset_is_reported_not_fatal(engine, tmp_path, media):
 def test_label_config_reads_the_text_prompt_exemplar_control_and_phrases():
     config = parse_label_config(CONFIG)
     assert config.text_prompt_names == ("prompt",) and config.exemplar_names == ("exemplar",)
-    assert config.rectangle_names == (), "an exemplar box is not a SAM box prompt"
+    assert config.counterexample_names == ("counterexample",)
+    assert config.rectangle_names == (), "exemplar and counter-example boxes are not SAM box prompts"
     assert dict(config.label_phrases) == {"Bottle": "bottle", "Can": "drink can"}
 
 

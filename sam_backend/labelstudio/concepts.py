@@ -4,12 +4,18 @@ Pure translation, like :mod:`sam_backend.labelstudio.regions`: no tensors.
 
 Interactively, the annotator types into the config's ``<TextArea>`` bound
 to the image, and/or draws a rectangle with a control named ``exemplar...``
-(see ``label_config_concepts.xml``). The label the found objects get:
+("every object like this one") or ``counterexample...`` ("but not like this
+one"; see ``label_config_concepts.xml``). The label the found objects get:
 
 - ``Bottle: green glass bottle`` (a label, a colon, the phrase) names both;
 - a phrase that is a label's name (or its ``hint`` or ``alias``) is that label,
   and the phrase searched is the label's (its hint, when it has one);
-- otherwise the exemplar box's label, else the only label of the mask control.
+- otherwise the exemplar box's label, else the only label of the mask control;
+- counter-example boxes alone: their label, whose phrase is searched.
+
+Label Studio's editor sends, with a smart rectangle just drawn, every
+rectangle of the same label on the image: an exemplar and the counter-examples
+drawn after it arrive together.
 
 For pre-annotation every mask label has a phrase: an explicit mapping
 (``--concept "Bottle=a glass bottle"``), else the label's hint, alias or name.
@@ -33,21 +39,24 @@ class ConceptRequest:
     Attributes:
         phrase: the text to find (None: exemplar boxes only).
         label: the label the objects get (a mask label of the config).
-        boxes: exemplar boxes ``[x0, y0, x1, y1]``.
+        boxes: exemplar and counter-example boxes ``[x0, y0, x1, y1]``.
+        box_labels: per box, True for an exemplar, False for a counter-example.
         original_width, original_height, image_rotation: as Label Studio sent them.
     """
 
     phrase: str | None = None
     label: str | None = None
     boxes: list[list[float]] = field(default_factory=list)
+    box_labels: list[bool] = field(default_factory=list)
     original_width: int | None = None
     original_height: int | None = None
     image_rotation: float = 0
 
 
 def is_concept_context(context: dict | None, config: LabelConfig) -> bool:
-    """Whether ``params.context`` holds a typed phrase or an exemplar box for the image."""
-    if not (config.text_prompt_names or config.exemplar_names) or not isinstance(context, dict):
+    """Whether ``params.context`` holds a typed phrase, an exemplar or a counter-example box for the image."""
+    if not (config.text_prompt_names or config.exemplar_names or config.counterexample_names) \
+            or not isinstance(context, dict):
         return False
     regions = context.get("result")
     return isinstance(regions, list) and any(_concept_kind(r, config) for r in regions if isinstance(r, dict))
@@ -61,15 +70,17 @@ def _concept_kind(region: dict, config: LabelConfig) -> str | None:
         return "text"
     if kind in RECTANGLE_TYPES and name in config.exemplar_names:
         return "exemplar"
+    if kind in RECTANGLE_TYPES and name in config.counterexample_names:
+        return "counterexample"
     return None
 
 
 def concept_request_from_context(context: dict, config: LabelConfig, image_size: tuple[int, int]) -> ConceptRequest:
-    """Read ``params.context.result`` into one concept request (the last phrase typed; every exemplar box).
+    """Read ``params.context.result`` into one concept request (the last phrase typed; every box).
 
     Raises:
         BadRequestError: a malformed region.
-        PromptError: an exemplar box of zero area; no label can be told.
+        PromptError: a box of zero area; no label can be told.
 
     Example:
         >>> from sam_backend.labelstudio.labelconfig import LabelConfig
@@ -81,7 +92,7 @@ def concept_request_from_context(context: dict, config: LabelConfig, image_size:
         ('crushed cans', 'Can')
     """
     request = ConceptRequest()
-    box_label = None
+    box_label = counter_label = None
     height, width = image_size
     for region in context.get("result") or []:
         if not isinstance(region, dict):
@@ -103,10 +114,27 @@ def concept_request_from_context(context: dict, config: LabelConfig, image_size:
         request.original_height = region.get("original_height") or request.original_height
         request.image_rotation = region.get("image_rotation") or 0
         request.boxes.append(rectangle_to_box(value, width, height, region))
+        request.box_labels.append(kind == "exemplar")
         labels = value.get("rectanglelabels")
-        box_label = labels[0] if isinstance(labels, list) and labels else box_label
+        label = labels[0] if isinstance(labels, list) and labels else None
+        if kind == "exemplar":
+            box_label = label or box_label
+        else:
+            counter_label = label or counter_label
+    if request.phrase is None and box_label is None and request.boxes:
+        # Counter-examples alone: "this label's objects, but not like these".
+        label = counter_label if counter_label in config.mask_labels else _only_label(config)
+        if label is None:
+            raise PromptError("A counter-example box says what not to find: give it one of the labels "
+                              f"({', '.join(config.mask_labels[:5])}), or type a phrase or draw an exemplar box too.")
+        request.phrase, request.label = dict(config.label_phrases).get(label, label), label
+        return request
     request.phrase, request.label = _phrase_and_label(request.phrase, box_label, config)
     return request
+
+
+def _only_label(config: LabelConfig) -> str | None:
+    return config.mask_labels[0] if len(config.mask_labels) == 1 else None
 
 
 def _phrase_and_label(typed: str | None, box_label: str | None, config: LabelConfig) -> tuple[str | None, str]:
@@ -122,9 +150,7 @@ def _phrase_and_label(typed: str | None, box_label: str | None, config: LabelCon
         named = _find_label(typed, config)
         if named is not None:
             return phrases.get(named, named), named
-    label = box_label if box_label in labels else None
-    if label is None and len(labels) == 1:
-        label = labels[0]
+    label = box_label if box_label in labels else _only_label(config)
     if label is None:
         raise PromptError(
             f"Which label should the objects get? Type a label's name ({', '.join(labels[:5])}...) or "

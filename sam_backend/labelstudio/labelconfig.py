@@ -20,6 +20,8 @@ POLYGON_TAG = "PolygonLabels"
 TEXT_PROMPT_TAG = "TextArea"
 #: A rectangle control whose name starts with this draws exemplar boxes (SAM 3: "every object like this one").
 EXEMPLAR_PREFIX = "exemplar"
+#: One whose name starts with this (``_`` and ``-`` aside) draws counter-examples ("not like this one").
+COUNTEREXAMPLE_PREFIX = "counterexample"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class LabelConfig:
         text_prompt_names: names of ``<TextArea>`` controls bound to the image (concept phrases).
         exemplar_names: names of rectangle controls bound to the image whose name starts with
             ``exemplar`` (exemplar boxes; not in ``rectangle_names``).
+        counterexample_names: those whose name starts with ``counterexample`` or
+            ``counter_example`` (counter-example boxes; not in ``rectangle_names``).
         label_phrases: ``(label, phrase)`` for each label of the mask controls: the label's
             ``hint`` attribute, else its ``alias``, else its value (SAM 3's default phrases).
 
@@ -66,6 +70,7 @@ class LabelConfig:
     text_prompt_names: tuple[str, ...] = ()
     exemplar_names: tuple[str, ...] = ()
     label_phrases: tuple[tuple[str, str], ...] = ()
+    counterexample_names: tuple[str, ...] = ()
 
     @property
     def mask_labels(self) -> tuple[str, ...]:
@@ -107,18 +112,20 @@ def parse_label_config(xml: str) -> LabelConfig:
             continue
         rectangles = [c.name for c in bound if c.tag in RECTANGLE_TAGS]
         exemplars = tuple(name for name in rectangles if name.lower().startswith(EXEMPLAR_PREFIX))
+        counterexamples = tuple(name for name in rectangles if _is_counterexample(name))
         return LabelConfig(
             image_name=image.name,
             image_key=(image.value or "").lstrip("$") or image.name,
             brush_name=brush.name if brush is not None else None,
             brush_labels=_labels_of(brush),
             keypoint_names=tuple(c.name for c in bound if c.tag in KEYPOINT_TAGS),
-            rectangle_names=tuple(name for name in rectangles if name not in exemplars),
+            rectangle_names=tuple(name for name in rectangles if name not in exemplars + counterexamples),
             polygon_name=polygon.name if polygon is not None else None,
             polygon_labels=_labels_of(polygon),
             text_prompt_names=tuple(c.name for c in bound if c.tag == TEXT_PROMPT_TAG),
             exemplar_names=exemplars,
             label_phrases=_label_phrases(brush, polygon),
+            counterexample_names=counterexamples,
         )
     names = ", ".join(f'"{i.name}"' for i in images)
     raise LabelConfigError(
@@ -151,3 +158,7 @@ def _labels_of(control) -> tuple[str, ...]:
             f'The <{control.tag} name="{control.name}"> has no <Label>; add at least one label for the masks.'
         )
     return labels
+
+
+def _is_counterexample(name: str) -> bool:
+    return name.lower().replace("_", "").replace("-", "").startswith(COUNTEREXAMPLE_PREFIX)

@@ -170,7 +170,8 @@ def _prompts_from_result(result: list, config: LabelConfig, image_size: tuple[in
         if not isinstance(region, dict) or region.get("to_name", config.image_name) != config.image_name:
             continue
         kind = str(region.get("type", "")).lower()
-        if kind not in KEYPOINT_TYPES + RECTANGLE_TYPES or region.get("from_name") in config.exemplar_names:
+        if kind not in KEYPOINT_TYPES + RECTANGLE_TYPES or \
+                region.get("from_name") in config.exemplar_names + config.counterexample_names:
             continue
         # Any rectangle on the image counts, not only the config's smart ones:
         # a detector's import may name its own control.

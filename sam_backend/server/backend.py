@@ -398,13 +398,16 @@ class SamBackend:
         key, loader = self.image_source(url, task_id, project)
         embedding = tiers.embedding_for(key, loader)
         request = concept_request_from_context(context, config, embedding.frame.original_size)
-        found = tiers.engine.find(embedding, phrase=request.phrase, boxes=request.boxes or None, settings=settings)
+        found = tiers.engine.find(embedding, phrase=request.phrase, boxes=request.boxes or None,
+                                  box_labels=request.box_labels or None, settings=settings)
         regions = instances_to_regions(found, request.label, config, output,
                                        (request.original_width, request.original_height), request.image_rotation)
         asked = repr(request.phrase) if request.phrase is not None else "the exemplar"
-        logger.info("Task %s: concept %s%s -> %d instance(s) of %s (presence %.2f) in %.2fs", task_id, asked,
-                    f" + {len(request.boxes)} box(es)" if request.boxes and request.phrase else "", regions.instances,
-                    request.label, found.presence, found.seconds)
+        exemplars = sum(request.box_labels)
+        boxes = (f" + {exemplars} exemplar(s)" if exemplars and request.phrase else "") + \
+            (f" - {len(request.boxes) - exemplars} counter-example(s)" if len(request.boxes) > exemplars else "")
+        logger.info("Task %s: concept %s%s -> %d instance(s) of %s (presence %.2f) in %.2fs", task_id, asked, boxes,
+                    regions.instances, request.label, found.presence, found.seconds)
         answer = self._prediction(regions.regions, regions.score, self.concept_model_version)
         if not regions.instances:
             answer["message"] = (f"Nothing like {asked} found: no instance scored above {settings.threshold} "

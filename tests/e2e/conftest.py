@@ -19,7 +19,9 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Backend, LabelStudio, Project, artifacts_dir, label_studio_venv, make_project  # noqa: E402
+from editor import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS  # noqa: E402
+from harness import (Backend, E2EError, LabelStudio, Project, artifacts_dir, label_studio_venv,  # noqa: E402
+                     make_project)
 from scenes import SceneImage, build_images  # noqa: E402
 
 DEMO_PRESET = "demo"
@@ -72,6 +74,32 @@ def images() -> dict[str, SceneImage]:
 @pytest.fixture(scope="session")
 def project(label_studio, backend, images) -> Project:
     return make_project(label_studio, backend, "sam-backend e2e", images)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        raise E2EError(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver (tests/e2e/run.sh does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture()
+def page(browser, artifacts):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    yield page
+    # Whatever happened, keep what the annotator would have seen last (and the DOM, to fix selectors).
+    page.screenshot(path=str(artifacts / "ui-last-state.png"))
+    (artifacts / "ui-last-state.html").write_text(page.content())
+    context.close()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

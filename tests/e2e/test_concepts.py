@@ -6,7 +6,8 @@ A server started with a concept preset (``SAM_CONCEPT_PRESET``, made by
 through Label Studio's interactive API, returns regions of the chosen label,
 which Label Studio saves as an annotation; an exemplar box does too; a bad
 phrase reaches the editor as an error; ``preannotate --mode concepts`` fills
-the project.
+the project. In the editor itself (Chromium), an exemplar box and then a
+counter-example box of the same label are sent to the backend together.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 
 import pytest
 
+from editor import log_in, open_task, pick_smart_tool, screen_point, turn_on_auto_annotation
 from harness import REPO, Backend, Project, wait_for
 
 CONCEPT_CONFIG = (REPO / "label_config_concepts.xml").read_text()
@@ -115,3 +117,48 @@ def test_preannotate_concepts_fills_the_project(label_studio, concept_backend, c
         ours = [p for p in task["predictions"] if p["model_version"] == version]
         assert len(ours) == 1 and ours[0]["result"], task["id"]
         assert {r["value"]["brushlabels"][0] for r in ours[0]["result"]} <= {"Bottle", "Can"}
+
+
+def drag(page, image, box: tuple[float, float, float, float]) -> None:
+    """Draw a rectangle over image pixels ``(x0, y0, x1, y1)`` with the selected tool."""
+    x0, y0 = screen_point(image, box[0], box[1])
+    x1, y1 = screen_point(image, box[2], box[3])
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x1, y1, steps=8)
+    page.mouse.up()
+
+
+def test_in_the_editor_an_exemplar_and_then_a_counterexample_go_together(label_studio, concept_backend, images,
+                                                                         page):
+    """What the issue's "exemplar intent" and the counter-example control rely on: the editor's own requests."""
+    shapes = images["landscape.jpg"]
+    project = label_studio.create_project("sam-backend e2e: concepts in the editor", label_config=CONCEPT_CONFIG)
+    task_id = label_studio.import_files(project["id"], {"landscape.jpg": shapes.data})["landscape.jpg"]["id"]
+    label_studio.connect_backend(project["id"], concept_backend.url)
+
+    log_in(page, label_studio)
+    image = open_task(page, label_studio, project["id"], task_id)
+    turn_on_auto_annotation(page)
+    w, h = shapes.width, shapes.height
+
+    def interactive(response) -> bool:
+        return response.url.endswith("/interactive-annotating")
+
+    # label_config_concepts.xml's label groups: brush 0, exemplar 1, counterexample 2, keypoint 3.
+    pick_smart_tool(page, 1, "Bottle", "rectangle-tool")
+    with page.expect_response(interactive) as first:
+        drag(page, image, (0.1 * w, 0.1 * h, 0.4 * w, 0.5 * h))
+    sent = first.value.request.post_data_json["context"]["result"]
+    assert [(r["from_name"], r["type"]) for r in sent] == [("exemplar", "rectanglelabels")], sent
+    assert "errors" not in first.value.json(), first.value.json()
+
+    pick_smart_tool(page, 2, "Bottle", "rectangle-tool", nth=1)
+    with page.expect_response(interactive) as second:
+        drag(page, image, (0.55 * w, 0.5 * h, 0.9 * w, 0.9 * h))
+    sent = second.value.request.post_data_json["context"]["result"]
+    assert sorted(r["from_name"] for r in sent) == ["counterexample", "exemplar"], sent
+    answer = second.value.json()
+    assert "errors" not in answer, answer
+    assert {r["value"]["brushlabels"][0] for r in answer["data"]["result"]} <= {"Bottle"}
+    assert "1 counter-example(s)" in concept_backend.server.tail(200), "the backend read a counter-example box"

@@ -11,91 +11,10 @@ screenshot of the mask on the canvas is kept under the artifacts directory.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
-
-from harness import E2EError, make_project
+from editor import log_in, open_task, pick_smart_keypoint, screen_point, turn_on_auto_annotation
+from harness import make_project
 from sam_backend.sam.synthetic import iou
 from scenes import decode_brush
-
-CHROMIUM = os.environ.get("SAM_E2E_CHROMIUM", "/usr/bin/chromium")
-# Headless, and nothing that reaches outside: this machine's network is closed.
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-TIMEOUT_MS = 120_000  # the editor's bundle and a first encode on two busy CPUs
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        raise E2EError(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver (tests/e2e/run.sh does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
-
-
-@pytest.fixture()
-def page(browser, artifacts):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    yield page
-    # Whatever happened, keep what the annotator would have seen last (and the DOM, to fix selectors).
-    page.screenshot(path=str(artifacts / "ui-last-state.png"))
-    (artifacts / "ui-last-state.html").write_text(page.content())
-    context.close()
-
-
-def log_in(page, label_studio) -> None:
-    page.goto(label_studio.url + "/user/login/", wait_until="domcontentloaded")
-    page.fill("input[name=email]", label_studio.email)
-    page.fill("input[name=password]", label_studio.password)
-    page.click("button[type=submit]")
-    page.wait_for_url(lambda url: "/user/login" not in url, wait_until="domcontentloaded")
-
-
-def open_task(page, label_studio, project_id: int, task_id: int):
-    """The labeling view of one task; returns the editor's image element once it has loaded."""
-    page.goto(f"{label_studio.url}/projects/{project_id}/data?task={task_id}", wait_until="domcontentloaded")
-    image = page.locator("img[alt=image]")  # the <Image name="image"> of label_config.xml
-    image.wait_for(state="attached")
-    page.wait_for_function(
-        "() => { const i = document.querySelector('img[alt=image]'); return i && i.complete && i.naturalWidth > 0; }"
-    )
-    return image
-
-
-def turn_on_auto_annotation(page) -> None:
-    toggle = page.get_by_test_id("bottombar-auto-annotation-toggle")
-    page.locator("label", has=toggle).click()  # the input itself is visually hidden under the toggle
-    assert toggle.is_checked()
-
-
-def pick_smart_keypoint(page, label: str = "Object") -> None:
-    """The "Object" label of the <KeyPointLabels> (second label group in label_config.xml), then the smart tool."""
-    page.locator(".lsf-labels").nth(1).locator(".lsf-label", has_text=label).click()
-    # Smart tools sit in a flyout of the toolbar's last group, shown on hover.
-    page.locator("button.lsf-tool_smart:not([aria-label])").hover()
-    tool = page.locator(".lsf-toolbar__smart button[aria-label=key-point-tool]")
-    tool.click()
-    assert "lsf-tool_active" in (tool.get_attribute("class") or "")
-
-
-def screen_point(image, x: float, y: float) -> tuple[float, float]:
-    """Page coordinates of image pixel ``(x, y)``: the element's box already includes the editor's zoom/offset."""
-    natural_width, natural_height, left, top, width, height = image.evaluate(
-        "i => { const r = i.getBoundingClientRect(); return [i.naturalWidth, i.naturalHeight, r.x, r.y, r.width, r.height]; }"
-    )
-    return left + x * width / natural_width, top + y * height / natural_height
 
 
 def test_a_click_with_the_smart_keypoint_becomes_a_brush_mask(label_studio, backend, images, page, artifacts):
