@@ -3,9 +3,10 @@
 Run it overnight (or on a GPU machine, then copy the store directory to the
 serving host): afterwards the first click on any task costs what the tenth
 does. With a concept preset, SAM 3's vision features are stored too (or
-alone), so that the first phrase on any task costs only its decode. Images already stored are skipped, so a second run, or a run after an
-interruption, only encodes what is missing; entries are written atomically,
-so an interrupted run leaves nothing half-written. :class:`PrecomputeJob` is
+alone), so that the first phrase on any task costs only its decode. Images
+already stored are skipped, so a second run, or a run after an interruption,
+only encodes what is missing; entries are written atomically, so an
+interrupted run leaves nothing half-written. :class:`PrecomputeJob` is
 what the run does with a task; :class:`~sam_backend.commands.runner.ProjectRunner`
 walks the project, with the encoder in this process or on Ray.
 """
