@@ -10,7 +10,8 @@ one"; see ``label_config_concepts.xml``). The label the found objects get:
 - ``Bottle: green glass bottle`` (a label, a colon, the phrase) names both;
 - a phrase that is a label's name (or its ``hint`` or ``alias``) is that label,
   and the phrase searched is the label's (its hint, when it has one);
-- otherwise the exemplar box's label, else the only label of the mask control;
+- otherwise the exemplar box's label (else a counter-example's), else the only
+  label of the mask control;
 - counter-example boxes alone: their label, whose phrase is searched.
 
 Label Studio's editor sends, with a smart rectangle just drawn, every
@@ -121,7 +122,7 @@ def concept_request_from_context(context: dict, config: LabelConfig, image_size:
             box_label = label or box_label
         else:
             counter_label = label or counter_label
-    if request.phrase is None and box_label is None and request.boxes:
+    if request.phrase is None and request.boxes and not any(request.box_labels):
         # Counter-examples alone: "this label's objects, but not like these".
         label = counter_label if counter_label in config.mask_labels else _only_label(config)
         if label is None:
@@ -129,7 +130,8 @@ def concept_request_from_context(context: dict, config: LabelConfig, image_size:
                               f"({', '.join(config.mask_labels[:5])}), or type a phrase or draw an exemplar box too.")
         request.phrase, request.label = dict(config.label_phrases).get(label, label), label
         return request
-    request.phrase, request.label = _phrase_and_label(request.phrase, box_label, config)
+    # A counter-example's label stands in for an unlabelled exemplar's (the editor sends them by label).
+    request.phrase, request.label = _phrase_and_label(request.phrase, box_label or counter_label, config)
     return request
 
 
