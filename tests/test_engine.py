@@ -1,6 +1,8 @@
 """The engine: split encode/decode path, multimask policy, caching, prompts, presets."""
 
+import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -199,3 +201,34 @@ def test_shipped_preset_names_resolve_to_the_package_directory(tmp_path, monkeyp
     assert presets.shipped_presets() == ["mini"]
     with pytest.raises(PresetLoadError, match="shipped with sam-backend: mini"):
         SamEngine.from_preset(str(tmp_path / "absent"))
+
+
+def test_overlapping_stderr_silencing_leaves_file_descriptor_2_as_it_was():
+    """SAM and SAM 3 load in two threads: a worker once lost every later log line to /dev/null."""
+    import threading
+
+    from sam_backend.sam.presets import quiet_native_stderr
+
+    before = os.fstat(2)
+    second_waiting, first_done = threading.Event(), threading.Event()
+
+    def first():
+        with quiet_native_stderr():
+            second_waiting.wait(5)
+            time.sleep(0.2)  # the second one tries to silence while this one still does
+        first_done.set()
+
+    def second():
+        second_waiting.set()
+        with quiet_native_stderr():
+            first_done.wait(1)  # and finishes after it: the order that left /dev/null behind
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    time.sleep(0.05)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino), "fd 2 left on /dev/null"
+

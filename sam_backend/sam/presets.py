@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 from sam_backend.errors import PresetLoadError
@@ -67,6 +68,14 @@ def describe_source(preset: str) -> str:
     return f"{preset!r}, which is neither a built-in SAM preset nor an existing directory"
 
 
+#: File descriptor 2 is the whole process's: one silencing at a time. Two overlapping
+#: ones (SAM and SAM 3 loading in two threads) would let the second save the first's
+#: /dev/null and put it back last, and every later log line of the worker would vanish.
+_STDERR_LOCK = threading.Lock()
+_KERAS_HUB_LOCK = threading.Lock()
+_keras_hub = None
+
+
 @contextlib.contextmanager
 def quiet_native_stderr():
     """Silence C++ log lines written straight to file descriptor 2.
@@ -74,27 +83,37 @@ def quiet_native_stderr():
     TensorFlow (imported by keras-hub through tensorflow-text, where a plain pip
     install put it) prints absl
     messages before ``TF_CPP_MIN_LOG_LEVEL`` takes effect; Python exceptions
-    are unaffected.
+    are unaffected. Threads take turns: file descriptor 2 is restored as it was.
     """
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
+    with _STDERR_LOCK:
+        try:
+            saved = os.dup(2)
+        except OSError:
             yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+            return
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def import_keras_hub():
-    """Import keras-hub (and with it TensorFlow) without its start-up noise."""
-    with quiet_native_stderr():
-        import keras_hub  # noqa: PLC0415
-    return keras_hub
+    """Import keras-hub (and with it TensorFlow) without its start-up noise, once.
+
+    Only the first import is silenced: a later caller's thread neither waits
+    for fd 2 nor hides another thread's log lines.
+    """
+    global _keras_hub
+    if _keras_hub is None:
+        with _KERAS_HUB_LOCK:
+            if _keras_hub is None:
+                with quiet_native_stderr():
+                    import keras_hub  # noqa: PLC0415
+                _keras_hub = keras_hub
+    return _keras_hub
 
 
 def error_summary(exc: BaseException) -> str:
