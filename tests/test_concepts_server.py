@@ -352,12 +352,13 @@ def test_precompute_concepts_only(labelstudio, tiny_preset_dir, concept_preset, 
 
 
 def test_an_unlabelled_exemplar_box_is_not_taken_for_a_counterexample():
+    from sam_backend.errors import PromptError
     from sam_backend.labelstudio.concepts import concept_request_from_context
 
     config = parse_label_config(CONFIG)
     box = exemplar_region(30, 20, 80, 60)
     del box["value"]["rectanglelabels"]
-    with pytest.raises(Exception, match="Which label"):  # two labels: the box alone cannot tell
+    with pytest.raises(PromptError, match="Which label"):  # two labels: the box alone cannot tell
         concept_request_from_context({"result": [box]}, config, (90, 160))
     request = concept_request_from_context({"result": [box, counterexample_region(100, 10, 150, 80)]}, config,
                                            (90, 160))
