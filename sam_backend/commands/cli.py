@@ -240,9 +240,8 @@ def preannotate_command(args: argparse.Namespace) -> int:
 
 def precompute_command(args: argparse.Namespace) -> int:
     """``sam-backend precompute``: see :mod:`sam_backend.commands.precompute`."""
-    from sam_backend.commands.precompute import Precomputer, image_data_key, load_precompute_models
+    from sam_backend.commands.precompute import Precomputer, image_data_key, open_precompute_tiers
     from sam_backend.embeddings.settings import open_store
-    from sam_backend.embeddings.tiers import EmbeddingTiers
     from sam_backend.errors import SamBackendError
     from sam_backend.labelstudio.api import LabelStudioProject
     from sam_backend.labelstudio.media import Credentials
@@ -266,10 +265,8 @@ def precompute_command(args: argparse.Namespace) -> int:
             # The actors open the same store (SAM_CACHE_URL, else this directory, which must be shared on a cluster).
             where = f"on Ray ({args.ray}, {args.ray_actors} actor(s))"
         else:
-            engine, concept_engine = load_precompute_models(preset, concept_preset, device=args.device)
-            embeddings = EmbeddingTiers(engine, store=store) if engine is not None else None
-            concepts = EmbeddingTiers(concept_engine, store=store) if concept_engine is not None else None
-            loaded = engine if engine is not None else concept_engine
+            embeddings, concepts = open_precompute_tiers(store, preset, concept_preset, device=args.device)
+            loaded = (embeddings or concepts).engine
             where = f"on {loaded.device_name} ({loaded.precision})"
         sys.stderr.write(f"Precomputing project {args.project} at {args.url} with {names} {where} "
                          f"into {store.location}\n")

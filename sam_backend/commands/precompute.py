@@ -187,16 +187,14 @@ class PrecomputeWorker:
             WorkerFailed: a model or the store cannot be used.
         """
         from sam_backend.embeddings.settings import open_store
-        from sam_backend.embeddings.tiers import EmbeddingTiers
 
         configure_logging(log_level)
         try:
             store = open_store(cache_dir=cache_dir, required=True)
-            engine, concepts = load_precompute_models(preset, concept_preset, device)
+            embeddings, concepts = open_precompute_tiers(store, preset, concept_preset, device)
         except Exception as exc:
             raise WorkerFailed(str(exc) if isinstance(exc, SamBackendError) else f"{type(exc).__name__}: {exc}") from exc
-        return cls(EmbeddingTiers(engine, store=store) if engine is not None else None, media,
-                   concepts=EmbeddingTiers(concepts, store=store) if concepts is not None else None)
+        return cls(embeddings, media, concepts=concepts)
 
     def start_batch(self, items: list[Item]) -> None:
         """Images are encoded one by one (the store is written per image)."""
@@ -272,20 +270,23 @@ def store_image(embeddings: EmbeddingTiers, identity: str, path: str, url: str, 
     return embeddings.ensure_stored(identity, lambda: load_image(path, name=f"The image of task {task_id} ({url})"))
 
 
-def load_precompute_models(preset: str | None, concept_preset: str | None, device: str | None = None):
-    """``(SAM engine or None, SAM 3 engine or None)``, loaded as a served worker loads them, so store keys agree.
+def open_precompute_tiers(store, preset: str | None, concept_preset: str | None, device: str | None = None):
+    """``(SAM's tiers or None, SAM 3's tiers or None)`` over ``store``, each model loaded as a served worker
+    loads it, so that store keys agree.
 
     Raises:
         SamBackendError: a preset cannot be loaded, or neither is given.
     """
+    from sam_backend.embeddings.tiers import EmbeddingTiers
     from sam_backend.server.loading import load_engine
 
     if not preset and not concept_preset:
         raise SamBackendError("Nothing to precompute: give a SAM preset, a concept preset, or both.")
-    engine = load_engine(preset, device=device) if preset else None  # the precision a served worker here picks
-    concepts = None
+    embeddings = concepts = None
+    if preset:
+        embeddings = EmbeddingTiers(load_engine(preset, device=device), store=store)  # the served precision
     if concept_preset:
         from sam_backend.sam3.engine import ConceptEngine
 
-        concepts = ConceptEngine.from_preset(concept_preset, device=device)
-    return engine, concepts
+        concepts = EmbeddingTiers(ConceptEngine.from_preset(concept_preset, device=device), store=store)
+    return embeddings, concepts
